@@ -1,0 +1,27 @@
+"""subtrack-optax: SubTrack++ (gradient subspace tracking) for JAX/Optax.
+
+Example:
+  >>> import optax, subtrack_optax as st
+  >>> tx = optax.chain(optax.clip_by_global_norm(1.0), st.subtrack(rank=64),
+  ...                  optax.scale_by_learning_rate(1e-3))
+"""
+
+from subtrack_optax._dimension_numbers import SubTrackDimensionNumbers
+from subtrack_optax._tracking import grassmann_step
+from subtrack_optax._transform import STATIC_ARGS
+from subtrack_optax._transform import SUBSPACE_UPDATES
+from subtrack_optax._transform import SubTrackState
+from subtrack_optax._transform import subtrack
+from subtrack_optax._transform import subtrack_adamw
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SubTrackDimensionNumbers",
+    "SubTrackState",
+    "STATIC_ARGS",
+    "SUBSPACE_UPDATES",
+    "grassmann_step",
+    "subtrack",
+    "subtrack_adamw",
+]

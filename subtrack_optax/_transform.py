@@ -1,0 +1,452 @@
+"""The SubTrack++ gradient transformation."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex  # noqa: F401  (type annotations only)
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+from optax._src import utils as optax_utils
+
+from subtrack_optax import _dimension_numbers as dn
+from subtrack_optax import _linalg
+from subtrack_optax import _tracking
+
+__all__ = [
+    "SubTrackState",
+    "subtrack",
+    "subtrack_adamw",
+    "SUBSPACE_UPDATES",
+    "STATIC_ARGS",
+]
+
+SUBSPACE_UPDATES = ("grassmann", "svd", "random", "frozen")
+BASIS_SIDES = ("small", "large")
+# Arguments that fix shapes or Python control flow; pass them as
+# ``static_args`` to ``optax.inject_hyperparams``.
+STATIC_ARGS = ("rank", "update_interval", "subspace_update",
+               "normalize_tracking", "transport_moments", "recovery_scaling",
+               "basis_side", "dimension_numbers", "basis_dtype", "mu_dtype",
+               "seed", "stagger")
+
+_MASKED = optax.MaskedNode()
+
+
+class SubTrackState(NamedTuple):
+  """State of :func:`subtrack`.
+
+  Every field but ``count`` has the structure of the parameters. For a
+  projected matrix leaf of canonical shape ``(batch..., d, D)``:
+  ``mu``/``nu`` are ``(batch..., r, D)``, ``basis`` is ``(batch..., d, r)``
+  and ``recovery_norm`` is ``(batch...)`` (float32). For a dense leaf
+  ``mu``/``nu`` have the leaf's shape and ``basis``/``recovery_norm`` hold
+  ``optax.MaskedNode()``.
+
+  Attributes:
+    count: int32 number of updates applied so far.
+    mu: first moments (in ``mu_dtype``, else the parameter dtype).
+    nu: second moments (parameter dtype).
+    basis: orthonormal bases (``basis_dtype``).
+    recovery_norm: norm of the last recovery term, for the growth limiter.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  basis: optax.Updates
+  recovery_norm: optax.Updates
+
+
+def _is_real_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check(name, value, ok, accepted):
+  """Validates a Python number; traced/array values are left alone."""
+  if _is_real_number(value) and not ok(value):
+    raise ValueError(f"subtrack: {name} must be {accepted}, got {value!r}")
+
+
+def _validate(rank, update_interval, subspace_update, step_size, scale, b1,
+              b2, eps, norm_growth_limit, basis_side, seed, dimension_numbers):
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+    raise ValueError(f"subtrack: rank must be a positive int, got {rank!r}")
+  if rank <= 0:
+    raise ValueError(f"subtrack: rank must be a positive int, got {rank!r}")
+  if (isinstance(update_interval, bool)
+      or not isinstance(update_interval, numbers.Integral)
+      or update_interval <= 0):
+    raise ValueError("subtrack: update_interval must be a positive int, got "
+                     f"{update_interval!r}")
+  if subspace_update not in SUBSPACE_UPDATES:
+    raise ValueError(f"subtrack: subspace_update must be one of "
+                     f"{SUBSPACE_UPDATES}, got {subspace_update!r}")
+  if basis_side not in BASIS_SIDES:
+    raise ValueError(f"subtrack: basis_side must be one of {BASIS_SIDES}, got "
+                     f"{basis_side!r}")
+  _check("step_size", step_size, lambda v: v >= 0, ">= 0")
+  _check("scale", scale, lambda v: v > 0, "> 0")
+  _check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check("eps", eps, lambda v: v >= 0, ">= 0")
+  _check("norm_growth_limit", norm_growth_limit, lambda v: v >= 1, ">= 1")
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise ValueError(f"subtrack: seed must be an int, got {seed!r}")
+  if not (dimension_numbers is None or callable(dimension_numbers)
+          or isinstance(dimension_numbers, (dn.SubTrackDimensionNumbers, dict,
+                                            list, tuple))
+          or jax.tree_util.all_leaves([dimension_numbers])):
+    raise ValueError("subtrack: dimension_numbers must be None, a "
+                     "SubTrackDimensionNumbers, a pytree of them (None = "
+                     f"dense) or a callable, got {dimension_numbers!r}")
+
+
+def _is_plan(x) -> bool:
+  return isinstance(x, dn.LeafPlan)
+
+
+def subtrack(
+    rank: int,
+    update_interval: int = 200,
+    *,
+    subspace_update: str = "grassmann",
+    step_size: float = 0.5,
+    normalize_tracking: bool = True,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    transport_moments: bool = True,
+    recovery_scaling: bool = True,
+    norm_growth_limit: float = 1.01,
+    basis_side: str = "small",
+    dimension_numbers: Any = None,
+    basis_dtype: Any = jnp.float32,
+    mu_dtype: Optional[Any] = None,
+    seed: int = 0,
+    stagger: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SubTrack++: Adam in a tracked low-rank gradient subspace.
+
+  For each matrix leaf, in its canonical frame ``X`` (``d x D``, see
+  :class:`SubTrackDimensionNumbers` and ``basis_side``) with orthonormal basis
+  ``S`` (``d x r``) and step count ``t``:
+
+  .. math::
+
+     S &\leftarrow \begin{cases}
+        \mathrm{top}_r\,\mathrm{SVD}(X) & t = 0\\
+        \mathrm{track}(S, X) \text{ (or svd / random / frozen)} & t>0,\ t \bmod k = 0
+        \end{cases}\\
+     M &\leftarrow C M,\quad V \leftarrow \max(C^{\circ 2}(V - M^{\circ 2})
+        + (CM)^{\circ 2}, 0),\quad C = S_{new}^T S_{old}
+        \quad\text{(when S changed)}\\
+     P &= S^T X,\quad M \leftarrow \beta_1 M + (1-\beta_1) P,\quad
+     V \leftarrow \beta_2 V + (1-\beta_2) P^{\circ 2}\\
+     N &= \hat M / (\sqrt{\hat V} + \epsilon),\qquad
+     U = \text{scale}\cdot S N + (X - S P)\,\mathrm{diag}(\phi),\quad
+     \phi_j = \|N_{:,j}\| / (\|P_{:,j}\| + 10^{-8})
+
+  with the recovery term's norm limited to ``norm_growth_limit`` times its
+  previous norm. Leaves that are not matrices, or whose smaller side is
+  ``<= rank``, get plain Adam (identical to :func:`optax.scale_by_adam`).
+  The output is a descent direction (no learning rate, no sign flip).
+
+  The subspace update runs as one :func:`jax.lax.switch` on the scalar step
+  count (per leaf, with its own phase, if ``stagger``). All factorizations
+  are of ``r x r`` (or ``2r x 2r``) matrices and are matmul-only.
+
+  Args:
+    rank: projection rank ``r`` (static).
+    update_interval: ``k``, steps between subspace updates.
+    subspace_update: ``"grassmann"`` (SubTrack geodesic tracking), ``"svd"``
+      (GaLore), ``"random"`` (GoLore) or ``"frozen"`` (first basis kept).
+    step_size: geodesic step size (radians per unit of normalized gradient
+      when ``normalize_tracking``).
+    normalize_tracking: track with ``X / ||X||_F`` so ``step_size`` bounds the
+      rotation angle; ``False`` is the paper's raw step.
+    scale: factor on the back-projected Adam direction.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(v_hat)``.
+    transport_moments: rotate the moments into the new basis when it changes.
+    recovery_scaling: add the discarded gradient, scaled per column.
+    norm_growth_limit: ``zeta``, the recovery norm's maximum growth per step.
+    basis_side: ``"small"`` (the paper's: the smaller side) or ``"large"``.
+    dimension_numbers: ``None``, a :class:`SubTrackDimensionNumbers` (for all
+      leaves with ``ndim >= 2``), a pytree prefix of the params with specs or
+      ``None`` (dense) leaves, or a callable ``params -> such a pytree`` (in
+      ``update`` it receives the updates, which have the params' shapes).
+    basis_dtype: dtype of the stored bases.
+    mu_dtype: dtype of the first moments (default: the parameter dtype).
+    seed: seed of the ``"random"`` mode (keyed by leaf path and step).
+    stagger: give each projected leaf its own phase in the ``k``-step window,
+      so that no single step refreshes every leaf.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import subtrack_optax as st
+    >>> params = {"w": jnp.ones((32, 64)), "b": jnp.zeros((64,))}
+    >>> tx = optax.chain(st.subtrack(rank=4), optax.scale(-1e-3))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> updates["w"].shape
+    (32, 64)
+
+  References:
+    Rajabi, Nonta & Rambhatla, *SubTrack++: Gradient Subspace Tracking for
+    Scalable LLM Training*, NeurIPS 2025 (arXiv 2502.01586);
+    Zhao et al., *GaLore*, ICML 2024 (arXiv 2403.03507);
+    Robert et al., *LDAdam*, ICLR 2025; Chen et al., *Fira* (arXiv 2410.01623).
+  """
+  _validate(rank, update_interval, subspace_update, step_size, scale, b1, b2,
+            eps, norm_growth_limit, basis_side, seed, dimension_numbers)
+  rank = int(rank)
+  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  basis_dtype = jnp.dtype(basis_dtype)
+  plans_of = functools.partial(dn.resolve_plans,
+                               dimension_numbers=dimension_numbers, rank=rank,
+                               basis_side=basis_side)
+
+  def init_fn(params):
+    plans = plans_of(params)
+
+    def moments(plan, p, dtype):
+      if not plan.projected:
+        return jnp.zeros(jnp.shape(p), dtype or jnp.result_type(p))
+      return jnp.zeros(plan.batch_shape + (rank, plan.big_d),
+                       dtype or jnp.result_type(p))
+
+    def basis(plan, p):
+      del p
+      if not plan.projected:
+        return _MASKED
+      return jnp.zeros(plan.batch_shape + (plan.d, rank), basis_dtype)
+
+    def recovery(plan, p):
+      del p
+      return (jnp.zeros(plan.batch_shape, jnp.float32) if plan.projected
+              else _MASKED)
+
+    tm = functools.partial(jax.tree.map, is_leaf=_is_plan)
+    return SubTrackState(
+        count=jnp.zeros([], jnp.int32),
+        mu=tm(lambda pl, p: moments(pl, p, mu_dtype), plans, params),
+        nu=tm(lambda pl, p: moments(pl, p, None), plans, params),
+        basis=tm(basis, plans, params),
+        recovery_norm=tm(recovery, plans, params),
+    )
+
+  # ---- subspace update of one leaf: three branches of one switch --------
+
+  def keep(plan, count, x, s, mu, nu):
+    del plan, count, x
+    return s, mu, nu
+
+  def first(plan, count, x, s, mu, nu):
+    del count
+    s_new = _linalg.top_left_singular_vectors(x, rank)
+    return s_new.astype(s.dtype), mu, nu
+
+  def refresh(plan, count, x, s, mu, nu):
+    if subspace_update == "frozen":
+      return s, mu, nu
+    s_old = s.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))[..., None, None]
+    if subspace_update == "grassmann":
+      s_new, _ = _tracking.grassmann_step(s_old, x, step_size,
+                                          normalize_tracking)
+    elif subspace_update == "svd":
+      s_new = _linalg.top_left_singular_vectors(x, rank)
+    else:  # random
+      key = jax.random.fold_in(jax.random.key(seed), plan.path_hash)
+      key = jax.random.fold_in(key, count)
+      g = jax.random.normal(key, plan.batch_shape + (plan.d, rank),
+                            jnp.float32)
+      s_new = _linalg.householder_orthonormalize(g)
+    s_new = jnp.where(finite, s_new, s_old)
+    if transport_moments:
+      mu, nu = _transport(s_new, s_old, mu, nu)
+    return s_new.astype(s.dtype), mu, nu
+
+  branches = (keep, first, refresh)
+
+  def branch_index(count, phase):
+    due = (count >= phase) & ((count - phase) % update_interval == 0)
+    return jnp.where(count == 0, 1, jnp.where(due, 2, 0)).astype(jnp.int32)
+
+  def subspace_update_all(plans, count, xs, bases, mus, nus):
+    """Applies the subspace update to every projected leaf."""
+    proj = [p for p in jax.tree.leaves(plans, is_leaf=_is_plan) if p.projected]
+    n_proj = max(len(proj), 1)
+    index_of = {p.path: i for i, p in enumerate(proj)}
+
+    def leaves_fn(which):
+      def fn(xs, bases, mus, nus):
+        return _map_projected(
+            plans, lambda pl, x, s, m, v: branches[which](pl, count, x, s, m, v),
+            xs, bases, mus, nus)
+      return fn
+
+    if not stagger:
+      idx = branch_index(count, 0)
+      return jax.lax.switch(idx, [leaves_fn(i) for i in range(3)], xs, bases,
+                            mus, nus)
+
+    def per_leaf(plan, x, s, m, v):
+      phase = (index_of[plan.path] * update_interval) // n_proj
+      idx = branch_index(count, phase)
+      return jax.lax.switch(
+          idx, [functools.partial(b, plan, count) for b in branches],
+          x, s, m, v)
+
+    return _map_projected(plans, per_leaf, xs, bases, mus, nus)
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans = plans_of(updates)
+    count = state.count
+    count_inc = numerics.safe_increment(count)
+    tm = functools.partial(jax.tree.map, is_leaf=_is_plan)
+
+    xs = tm(lambda pl, g: dn.to_canonical(g, pl) if pl.projected else _MASKED,
+            plans, updates)
+    bases, mus, nus = subspace_update_all(plans, count, xs, state.basis,
+                                          state.mu, state.nu)
+
+    def leaf_update(plan, g, x, s, mu, nu, prev):
+      if not plan.projected:
+        return _dense_adam(g, mu, nu, b1, b2, eps, count_inc, mu_dtype)
+      u, mu_new, nu_new, prev_new = _projected_step(
+          x, s.astype(jnp.float32), mu.astype(jnp.float32),
+          nu.astype(jnp.float32), prev, count, count_inc, b1=b1, b2=b2,
+          eps=eps, scale=scale, recovery=recovery_scaling,
+          zeta=norm_growth_limit)
+      return (dn.from_canonical(u, plan, g.dtype), mu_new.astype(mu.dtype),
+              nu_new.astype(nu.dtype), prev_new)
+
+    out = tm(leaf_update, plans, updates, xs, bases, mus, nus,
+             state.recovery_norm)
+    pick = lambda i: tm(lambda pl, o: o[i], plans, out)
+    new_state = SubTrackState(count=count_inc, mu=pick(1), nu=pick(2),
+                              basis=bases, recovery_norm=pick(3))
+    return pick(0), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _map_projected(plans, fn, xs, bases, mus, nus):
+  """Maps ``fn`` over projected leaves; dense leaves pass through.
+
+  Returns the tuple ``(bases, mus, nus)`` of trees.
+  """
+  out = jax.tree.map(
+      lambda pl, x, s, m, v: fn(pl, x, s, m, v) if pl.projected else (s, m, v),
+      plans, xs, bases, mus, nus, is_leaf=_is_plan)
+  return tuple(
+      jax.tree.map(lambda pl, o: o[i], plans, out, is_leaf=_is_plan)
+      for i in range(3))
+
+
+def _transport(s_new, s_old, mu, nu):
+  """Projection-aware moment transport (LDAdam form).
+
+  ``C = S_new^T S_old``; ``M' = C M``;
+  ``V' = max(C∘C (V - M∘M) + (C M)∘(C M), 0)``.
+  """
+  c = _linalg.matmul(jnp.swapaxes(s_new, -1, -2), s_old)
+  m32 = mu.astype(jnp.float32)
+  v32 = nu.astype(jnp.float32)
+  cm = _linalg.matmul(c, m32)
+  v_new = _linalg.matmul(c * c, v32 - m32 * m32) + cm * cm
+  return cm.astype(mu.dtype), jnp.maximum(v_new, 0.0).astype(nu.dtype)
+
+
+def _dense_adam(g, mu, nu, b1, b2, eps, count_inc, mu_dtype):
+  """Exactly optax.scale_by_adam's arithmetic for one leaf."""
+  mu = optax.tree.update_moment(g, mu, b1, 1)
+  nu_new = optax.tree.update_moment_per_elem_norm(g, nu, b2, 2)
+  mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+  nu_hat = optax.tree.bias_correction(nu_new, b2, count_inc)
+  u = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
+  mu = optax.tree.cast(mu, mu_dtype)
+  return u, mu, nu_new.astype(nu.dtype), _MASKED
+
+
+def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
+                    scale, recovery, zeta):
+  """Adam in the subspace, back-projection and recovery scaling (float32).
+
+  The recovery term is folded into the back-projection,
+  ``U = S (scale N - phi P) + phi X``, and its norm is computed from column
+  norms, ``||X_j - S P_j||^2 = ||X_j||^2 - 2||P_j||^2 + P_j^T (S^T S) P_j``,
+  without forming the ``d x D`` residual.
+  """
+  mm = _linalg.matmul
+  st = jnp.swapaxes(s, -1, -2)
+  p = jnp.matmul(st, x)                              # (r, D)
+  mu = (1 - b1) * p + b1 * mu
+  nu = (1 - b2) * (p * p) + b2 * nu
+  c = count_inc.astype(jnp.float32)
+  mu_hat = mu / (1 - jnp.asarray(b1, jnp.float32) ** c)
+  nu_hat = nu / (1 - jnp.asarray(b2, jnp.float32) ** c)
+  n = mu_hat / (jnp.sqrt(nu_hat) + eps)
+  if not recovery:
+    return scale * jnp.matmul(s, n), mu, nu, prev
+  x_sq = jnp.sum(x * x, axis=-2)                     # (D,)
+  p_sq = jnp.sum(p * p, axis=-2)
+  gp = mm(mm(st, s), p)
+  resid_sq = jnp.maximum(x_sq - 2.0 * p_sq + jnp.sum(p * gp, axis=-2), 0.0)
+  phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (jnp.sqrt(p_sq) + 1e-8)
+  lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))   # (batch...)
+  limit = (count > 0) & (lam > zeta * prev)
+  factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
+  phi = phi * factor[..., None]
+  u = jnp.matmul(s, scale * n - phi[..., None, :] * p) + phi[..., None, :] * x
+  return u, mu, nu, (lam * factor).astype(jnp.float32)
+
+
+def subtrack_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int,
+    update_interval: int = 200,
+    *,
+    weight_decay: float = 0.0,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    **subtrack_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """SubTrack++ with decoupled weight decay and a learning rate.
+
+  ``chain(subtrack(rank, update_interval, **subtrack_kwargs),
+  add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank: projection rank.
+    update_interval: steps between subspace updates.
+    weight_decay: decoupled weight decay.
+    mask: weight decay mask (as in :func:`optax.adamw`).
+    **subtrack_kwargs: any keyword argument of :func:`subtrack`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, subtrack_optax as st
+    >>> tx = st.subtrack_adamw(1e-3, rank=4, weight_decay=0.01)
+    >>> state = tx.init({"w": jnp.ones((16, 32))})
+  """
+  return optax.chain(
+      subtrack(rank, update_interval, **subtrack_kwargs),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -15,6 +15,7 @@ from optax._src import utils as optax_utils
 
 from subtrack_optax import _dimension_numbers as dn
 from subtrack_optax import _linalg
+from subtrack_optax import _sharding
 from subtrack_optax import _tracking
 
 __all__ = [
@@ -213,6 +214,7 @@ def subtrack(
   rank = int(rank)
   mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
   basis_dtype = jnp.dtype(basis_dtype)
+  dense_adam = optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype)
   plans_of = functools.partial(dn.resolve_plans,
                                dimension_numbers=dimension_numbers, rank=rank,
                                basis_side=basis_side)
@@ -221,30 +223,36 @@ def subtrack(
     plans = plans_of(params)
 
     def moments(plan, p, dtype):
+      # Under explicit sharding the zeros get the partition_specs layout.
+      out_sharding = _sharding.init_sharding(plan, p, 0)
       if not plan.projected:
-        return jnp.zeros(jnp.shape(p), dtype or jnp.result_type(p))
+        return jnp.zeros(jnp.shape(p), dtype or jnp.result_type(p),
+                         out_sharding=out_sharding)
       return jnp.zeros(plan.batch_shape + (rank, plan.big_d),
-                       dtype or jnp.result_type(p))
+                       dtype or jnp.result_type(p), out_sharding=out_sharding)
 
     def basis(plan, p):
-      del p
       if not plan.projected:
         return _MASKED
-      return jnp.zeros(plan.batch_shape + (plan.d, rank), basis_dtype)
+      return jnp.zeros(plan.batch_shape + (plan.d, rank), basis_dtype,
+                       out_sharding=_sharding.init_sharding(plan, p, 1))
 
     def recovery(plan, p):
-      del p
-      return (jnp.zeros(plan.batch_shape, jnp.float32) if plan.projected
-              else _MASKED)
+      if not plan.projected:
+        return _MASKED
+      return jnp.zeros(plan.batch_shape, jnp.float32,
+                       out_sharding=_sharding.init_sharding(plan, p, 2))
 
     tm = functools.partial(jax.tree.map, is_leaf=_is_plan)
-    return SubTrackState(
+    state = SubTrackState(
         count=jnp.zeros([], jnp.int32),
         mu=tm(lambda pl, p: moments(pl, p, mu_dtype), plans, params),
         nu=tm(lambda pl, p: moments(pl, p, None), plans, params),
         basis=tm(basis, plans, params),
         recovery_norm=tm(recovery, plans, params),
     )
+    _sharding.record_init(state, plans)  # for subtrack_optax.partition_specs
+    return state
 
   # ---- subspace update of one leaf: three branches of one switch --------
 
@@ -320,12 +328,22 @@ def subtrack(
 
     xs = tm(lambda pl, g: dn.to_canonical(g, pl) if pl.projected else _MASKED,
             plans, updates)
-    bases, mus, nus = subspace_update_all(plans, count, xs, state.basis,
-                                          state.mu, state.nu)
+    # Explicit sharding only: all-gather the r-axis shards of the state
+    # (d x r and r x D pieces) for the update; a no-op otherwise.
+    bases, mus, nus = _map_projected(
+        plans, lambda pl, *a: _sharding.to_compute_layout(*a), xs,
+        state.basis, state.mu, state.nu)
+    bases, mus, nus = subspace_update_all(plans, count, xs, bases, mus, nus)
 
-    def leaf_update(plan, g, x, s, mu, nu, prev):
+    # Dense leaves: optax.scale_by_adam itself, on the tree whose projected
+    # leaves are masked out, so its arithmetic is shared, not re-implemented.
+    dense = lambda t: tm(lambda pl, x: _MASKED if pl.projected else x, plans, t)
+    dense_u, dense_state = dense_adam.update(
+        dense(updates), optax.ScaleByAdamState(count, dense(mus), dense(nus)))
+
+    def leaf_update(plan, g, x, s, mu, nu, prev, du, dmu, dnu):
       if not plan.projected:
-        return _dense_adam(g, mu, nu, b1, b2, eps, count_inc, mu_dtype)
+        return du, dmu, dnu, _MASKED
       u, mu_new, nu_new, prev_new = _projected_step(
           x, s.astype(jnp.float32), mu.astype(jnp.float32),
           nu.astype(jnp.float32), prev, count, count_inc, b1=b1, b2=b2,
@@ -335,7 +353,7 @@ def subtrack(
               nu_new.astype(nu.dtype), prev_new)
 
     out = tm(leaf_update, plans, updates, xs, bases, mus, nus,
-             state.recovery_norm)
+             state.recovery_norm, dense_u, dense_state.mu, dense_state.nu)
     pick = lambda i: tm(lambda pl, o: o[i], plans, out)
     new_state = SubTrackState(count=count_inc, mu=pick(1), nu=pick(2),
                               basis=bases, recovery_norm=pick(3))
@@ -371,17 +389,6 @@ def _transport(s_new, s_old, mu, nu):
   return cm.astype(mu.dtype), jnp.maximum(v_new, 0.0).astype(nu.dtype)
 
 
-def _dense_adam(g, mu, nu, b1, b2, eps, count_inc, mu_dtype):
-  """Exactly optax.scale_by_adam's arithmetic for one leaf."""
-  mu = optax.tree.update_moment(g, mu, b1, 1)
-  nu_new = optax.tree.update_moment_per_elem_norm(g, nu, b2, 2)
-  mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-  nu_hat = optax.tree.bias_correction(nu_new, b2, count_inc)
-  u = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
-  mu = optax.tree.cast(mu, mu_dtype)
-  return u, mu, nu_new.astype(nu.dtype), _MASKED
-
-
 def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
                     scale, recovery, zeta):
   """Adam in the subspace, back-projection and recovery scaling (float32).
@@ -393,7 +400,7 @@ def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
   """
   mm = _linalg.matmul
   st = jnp.swapaxes(s, -1, -2)
-  p = jnp.matmul(st, x)                              # (r, D)
+  p = jnp.matmul(st, x, out_sharding=_sharding.matmul_out_sharding(st, x))
   mu = (1 - b1) * p + b1 * mu
   nu = (1 - b2) * (p * p) + b2 * nu
   c = count_inc.astype(jnp.float32)

@@ -1,0 +1,257 @@
+"""Optax citizenship: API, composition, dtypes, dimension numbers, errors."""
+
+import functools
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import subtrack_optax as st
+
+R = 4
+PARAMS = {
+    "w": jnp.zeros((12, 20)),
+    "scan": jnp.zeros((3, 10, 16)),
+    "b": jnp.zeros((20,)),
+    "thin": jnp.zeros((3, 40)),
+}
+
+
+def _grads(seed, params=PARAMS):
+  keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+
+
+def _run(tx, steps, params=PARAMS, jit=True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  outs = []
+  for t in range(steps):
+    u, state = update(_grads(t, params), state, params)
+    outs.append(u)
+  return outs, state
+
+
+def test_public_names():
+  for name in ["subtrack", "subtrack_adamw", "SubTrackDimensionNumbers",
+               "SubTrackState"]:
+    assert hasattr(st, name)
+  tx = st.subtrack(R)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(PARAMS)
+  assert isinstance(state, st.SubTrackState)
+  assert state.count.dtype == jnp.int32
+
+
+def test_eval_shape_init_and_state_consistent_across_branches():
+  tx = st.subtrack(R, update_interval=2)
+  shapes = jax.eval_shape(tx.init, PARAMS)
+  outs, state = _run(tx, 3)
+  same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype),
+                      shapes, state)
+  assert all(jax.tree.leaves(same))
+
+
+def _count_conds(jaxpr):
+  """Conditionals outside any conditional's branches (nested jaxprs of
+  pjit/closed calls included)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      n += 1
+      continue
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count_conds(sub)
+  return n
+
+
+@pytest.mark.parametrize("stagger,expected", [(False, 1), (True, 2)])
+def test_subspace_update_is_one_conditional_on_the_step_count(stagger,
+                                                              expected):
+  """One switch for all leaves (one per projected leaf with stagger)."""
+  tx = st.subtrack(R, stagger=stagger)
+  state = tx.init(PARAMS)
+  jaxpr = jax.make_jaxpr(tx.update)(PARAMS, state).jaxpr
+  assert _count_conds(jaxpr) == expected
+  # The predicate is a scalar: no batched select of bases.
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  for e in conds:
+    assert e.invars[0].aval.shape == ()
+
+
+def test_no_recompilation_between_steps():
+  tx = st.subtrack(R, update_interval=2)
+  update = jax.jit(tx.update)
+  state = tx.init(PARAMS)
+  for t in range(5):
+    _, state = update(_grads(t), state, PARAMS)
+  assert update._cache_size() == 1
+
+
+def test_dense_leaves_identical_to_scale_by_adam():
+  tx = st.subtrack(R, update_interval=2)
+  adam = optax.scale_by_adam()
+  outs, _ = _run(tx, 4)
+  ref, _ = _run(adam, 4)
+  for o, a in zip(outs, ref):
+    np.testing.assert_array_equal(o["b"], a["b"])
+    np.testing.assert_array_equal(o["thin"], a["thin"])  # min side 3 <= R
+
+
+def test_scanned_leaf_equals_independent_matrices():
+  tx = st.subtrack(R, update_interval=2)
+  outs, _ = _run(tx, 4)
+  for i in range(3):
+    sliced = {"m": PARAMS["scan"][i]}
+    state = tx.init(sliced)
+    for t in range(4):
+      u, state = jax.jit(tx.update)({"m": _grads(t)["scan"][i]}, state)
+      np.testing.assert_allclose(u["m"], outs[t]["scan"][i], rtol=1e-5,
+                                 atol=1e-6)
+
+
+def test_attention_kernel_dimension_numbers_equal_reshaped_matrix():
+  kernel = {"q": jnp.zeros((16, 2, 12))}  # (embed, heads, head_dim)
+  spec = st.SubTrackDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+  tx3 = st.subtrack(R, update_interval=2, dimension_numbers={"q": spec})
+  tx2 = st.subtrack(R, update_interval=2)
+  s3, s2 = tx3.init(kernel), tx2.init({"q": jnp.zeros((16, 24))})
+  assert s3.basis["q"].shape == (16, R)
+  for t in range(3):
+    g = _grads(t, kernel)
+    u3, s3 = jax.jit(tx3.update)(g, s3)
+    u2, s2 = jax.jit(tx2.update)({"q": g["q"].reshape(16, 24)}, s2)
+    np.testing.assert_allclose(u3["q"].reshape(16, 24), u2["q"], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_transposed_axes_and_callable_dimension_numbers():
+  params = {"k": jnp.zeros((20, 12)), "b": jnp.zeros((20,))}
+  # reduction axis 1, output axis 0: the transpose of the default frame.
+  fn = lambda p: {"k": st.SubTrackDimensionNumbers(1, 0), "b": None}
+  tx_fn = st.subtrack(R, update_interval=2, dimension_numbers=fn)
+  tx_t = st.subtrack(R, update_interval=2)
+  s1, s2 = tx_fn.init(params), tx_t.init({"k": jnp.zeros((12, 20))})
+  for t in range(3):
+    g = _grads(t, params)
+    u1, s1 = jax.jit(tx_fn.update)(g, s1)
+    u2, s2 = jax.jit(tx_t.update)({"k": g["k"].T}, s2)
+    np.testing.assert_allclose(u1["k"], u2["k"].T, rtol=1e-5, atol=1e-6)
+  assert isinstance(s1.basis["b"], optax.MaskedNode)
+
+
+def test_pytree_prefix_dimension_numbers_with_none_is_dense():
+  params = {"enc": {"w1": jnp.zeros((12, 20)), "w2": jnp.zeros((20, 12))},
+            "head": jnp.zeros((12, 30))}
+  dims = {"enc": st.SubTrackDimensionNumbers(0, 1), "head": None}
+  state = st.subtrack(R, dimension_numbers=dims).init(params)
+  assert state.basis["enc"]["w1"].shape == (12, R)
+  assert state.basis["enc"]["w2"].shape == (12, R)
+  assert isinstance(state.basis["head"], optax.MaskedNode)
+  assert state.mu["head"].shape == (12, 30)
+
+
+def test_single_spec_applies_to_matrices_only():
+  dims = st.SubTrackDimensionNumbers(0, 1)
+  state = st.subtrack(R, dimension_numbers=dims).init(
+      {"w": jnp.zeros((12, 20)), "b": jnp.zeros((20,))})
+  assert state.basis["w"].shape == (12, R)
+  assert isinstance(state.basis["b"], optax.MaskedNode)
+
+
+def test_bad_dimension_numbers_name_the_leaf():
+  dims = {"w": st.SubTrackDimensionNumbers(0, 2)}
+  with pytest.raises(ValueError, match=r"output_axis.*\['w'\]"):
+    st.subtrack(R, dimension_numbers=dims).init({"w": jnp.zeros((12, 20))})
+  with pytest.raises(ValueError, match="share an axis"):
+    st.subtrack(R, dimension_numbers={"w": st.SubTrackDimensionNumbers(0, 0)}
+                ).init({"w": jnp.zeros((12, 20))})
+  with pytest.raises(ValueError, match="dimension_numbers"):
+    st.subtrack(R, dimension_numbers={"x": None}).init({"w": jnp.zeros((4,))})
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rank=True), "rank"),
+    (dict(update_interval=0), "update_interval"),
+    (dict(subspace_update="pca"), "subspace_update"),
+    (dict(basis_side="left"), "basis_side"),
+    (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"),
+    (dict(step_size=-0.1), "step_size"), (dict(scale=0.0), "scale"),
+    (dict(norm_growth_limit=0.9), "norm_growth_limit"),
+    (dict(seed=1.5), "seed"),
+])
+def test_construction_errors_name_the_argument(kwargs, arg):
+  kwargs = {"rank": R, **kwargs}
+  with pytest.raises(ValueError, match=arg):
+    st.subtrack(**kwargs)
+
+
+def test_bf16_params_give_bf16_updates():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  tx = st.subtrack(R, update_interval=2)
+  outs, state = _run(tx, 3, params)
+  for u in jax.tree.leaves(outs[-1]):
+    assert u.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(u)))
+  assert state.basis["w"].dtype == jnp.float32
+
+
+def test_subtrack_adamw_is_the_documented_chain():
+  lr, wd = 1e-2, 0.1
+  params = jax.tree.map(lambda p: p + 1.0, PARAMS)
+  tx = st.subtrack_adamw(lr, R, 2, weight_decay=wd)
+  manual = optax.chain(st.subtrack(R, 2), optax.add_decayed_weights(wd),
+                       optax.scale_by_learning_rate(lr))
+  a, _ = _run(tx, 3, params)
+  b, _ = _run(manual, 3, params)
+  chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-6)
+  direction, _ = _run(st.subtrack(R, 2), 1, params)
+  np.testing.assert_allclose(
+      a[0]["w"], -lr * (direction[0]["w"] + wd * params["w"]), rtol=1e-5)
+
+
+def test_inside_chain_masked_and_partition():
+  params = {"w": jnp.ones((12, 20)), "b": jnp.ones((20,))}
+  masked = optax.masked(st.subtrack(R, 2), {"w": True, "b": False})
+  state = masked.init(params)
+  u, state = jax.jit(masked.update)(_grads(0, params), state, params)
+  np.testing.assert_array_equal(u["b"], _grads(0, params)["b"])
+  assert u["w"].shape == (12, 20)
+
+  part = optax.partition({"low": st.subtrack(R, 2), "dense": optax.adam(1.0)},
+                         {"w": "low", "b": "dense"})
+  state = part.init(params)
+  u, state = jax.jit(part.update)(_grads(0, params), state, params)
+  tx = st.subtrack(R, 2)
+  ref, _ = tx.update({"w": _grads(0, params)["w"]}, tx.init({"w": params["w"]}))
+  np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_inject_hyperparams_with_static_shape_arguments():
+  inj = optax.inject_hyperparams(st.subtrack, static_args=st.STATIC_ARGS)
+  tx = inj(rank=R, update_interval=2, scale=0.25, step_size=0.5)
+  plain = st.subtrack(R, 2, scale=0.25, step_size=0.5)
+  a, state = _run(tx, 3)
+  b, _ = _run(plain, 3)
+  chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-5, atol=1e-6)
+  # A hyperparameter changed in the state changes the update.
+  state.hyperparams["scale"] = jnp.asarray(0.5)
+  u, _ = jax.jit(tx.update)(_grads(9), state, PARAMS)
+  assert np.all(np.isfinite(u["w"]))
+
+
+def test_multisteps_runs_inner_update_per_accumulated_step():
+  inner = st.subtrack(R, update_interval=2)
+  ms = optax.MultiSteps(inner, every_k_schedule=2)
+  state = ms.init(PARAMS)
+  update = jax.jit(ms.update)
+  for t in range(4):
+    _, state = update(_grads(t), state, PARAMS)
+  # Two accumulated steps were applied, so the inner count is 2.
+  assert int(state.inner_opt_state.count) == 2

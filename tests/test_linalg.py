@@ -1,0 +1,213 @@
+"""Unit tests of the pieces: linear algebra, tracking, transport, memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import subtrack_optax as st
+from subtrack_optax import _linalg
+from subtrack_optax import _transform
+
+jit_orth = jax.jit(_linalg.householder_orthonormalize)
+jit_eig = jax.jit(_linalg.sym_eig)
+jit_top_eig = jax.jit(_linalg.top_eigvec_psd)
+jit_svd = jax.jit(_linalg.top_left_singular_vectors, static_argnums=1)
+jit_track = jax.jit(st.grassmann_step, static_argnums=3)
+
+
+def _orth_err(s):
+  s = np.asarray(s, np.float64)
+  r = s.shape[-1]
+  return np.abs(np.swapaxes(s, -1, -2) @ s - np.eye(r)).max()
+
+
+def _separated(rng, m, n, ratio=0.75):
+  k = min(m, n)
+  u, _ = np.linalg.qr(rng.normal(size=(m, k)))
+  v, _ = np.linalg.qr(rng.normal(size=(n, k)))
+  return (u * ratio ** np.arange(k)) @ v.T, u
+
+
+def test_householder_orthonormal_and_span():
+  rng = np.random.default_rng(0)
+  y = rng.normal(size=(3, 24, 6)).astype(np.float32)
+  q = np.asarray(jit_orth(y), np.float64)
+  assert _orth_err(q) < 1e-5
+  np.testing.assert_allclose(q @ np.swapaxes(q, -1, -2) @ y, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["zero", "rank1", "duplicate"])
+def test_householder_degenerate_inputs_stay_orthonormal(kind):
+  rng = np.random.default_rng(1)
+  y = np.zeros((24, 6), np.float32)
+  if kind == "rank1":
+    y = np.outer(rng.normal(size=24), rng.normal(size=6)).astype(np.float32)
+  if kind == "duplicate":
+    c = rng.normal(size=(24, 1))
+    y = np.repeat(c, 6, axis=1).astype(np.float32)
+  q = jit_orth(y)
+  assert np.all(np.isfinite(q))
+  assert _orth_err(q) < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 13])
+def test_sym_eig_matches_numpy(k):
+  rng = np.random.default_rng(k)
+  a = rng.normal(size=(3, k, k))
+  a = a + np.swapaxes(a, -1, -2)
+  w, v = jit_eig(a.astype(np.float32))
+  np.testing.assert_allclose(w, np.linalg.eigvalsh(a)[..., ::-1], atol=1e-4)
+  v = np.asarray(v, np.float64)
+  assert _orth_err(v) < 1e-5
+  np.testing.assert_allclose(v @ (np.asarray(w)[..., None] * np.swapaxes(v, -1, -2)), a,
+                             atol=1e-4)
+
+
+def test_top_eigvec_psd():
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(4, 6, 6))
+  g = g @ np.swapaxes(g, -1, -2)
+  v = np.asarray(jit_top_eig(g.astype(np.float32)), np.float64)
+  _, vecs = np.linalg.eigh(g)
+  np.testing.assert_allclose(np.abs(np.sum(v * vecs[..., -1], -1)), 1.0,
+                             atol=1e-5)
+  # Zero input: a unit vector, not NaN.
+  z = np.asarray(jit_top_eig(np.zeros((6, 6), np.float32)))
+  np.testing.assert_allclose(np.linalg.norm(z), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rank,shape", [(1, (20, 30)), (2, (30, 20)),
+                                        (4, (24, 40)), (8, (32, 48)),
+                                        (5, (10, 40))])
+def test_top_left_singular_vectors_match_dense_svd(rank, shape):
+  """SPEC section 3: float32 accuracy when singular values separate by 0.75."""
+  rng = np.random.default_rng(rank)
+  x, u = _separated(rng, *shape)
+  s = np.asarray(jit_svd(x.astype(np.float32), rank), np.float64)
+  # Columns in descending order, each equal to the SVD's up to sign.
+  np.testing.assert_allclose(np.abs(np.sum(s * u[:, :rank], 0)), 1.0,
+                             atol=2e-5)
+  assert _orth_err(s) < 1e-5
+
+
+def test_top_left_singular_vectors_batched_and_degenerate():
+  rng = np.random.default_rng(3)
+  x = np.stack([_separated(rng, 16, 24)[0], np.zeros((16, 24)),
+                np.outer(rng.normal(size=16), rng.normal(size=24))])
+  s = np.asarray(jit_svd(x.astype(np.float32), 4))
+  assert s.shape == (3, 16, 4)
+  assert np.all(np.isfinite(s))
+  assert _orth_err(s) < 1e-5
+
+
+def _tracking_problem(seed=4, d=32, big_d=48, r=4):
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.normal(size=(d, r)))
+  x = u @ rng.normal(size=(r, big_d)) + 0.01 * rng.normal(size=(d, big_d))
+  s, _ = np.linalg.qr(rng.normal(size=(d, r)))
+  return x.astype(np.float32), s.astype(np.float32), u
+
+
+def _proj_err(s, x):
+  s = np.asarray(s, np.float64)
+  return np.linalg.norm(x - s @ (s.T @ x)) ** 2
+
+
+def test_tracking_keeps_orthonormality():
+  x, s, _ = _tracking_problem()
+  rng = np.random.default_rng(5)
+  for i in range(20):
+    s, theta = jit_track(s, x + rng.normal(size=x.shape).astype(np.float32),
+                         0.5, True)
+    assert float(theta) > 0
+  assert _orth_err(s) < 1e-5
+
+
+@pytest.mark.parametrize("normalize,step", [(True, 0.05), (False, 0.005)])
+def test_tracking_small_step_decreases_projection_error(normalize, step):
+  x, s, _ = _tracking_problem(seed=6)
+  s_new, theta = jit_track(s, x, step, normalize)
+  assert 0 < float(theta) < 0.5
+  assert _proj_err(s_new, x) < _proj_err(s, x)
+
+
+def test_tracking_recovers_planted_subspace():
+  x, s, u = _tracking_problem(seed=7)
+  track = jax.jit(lambda s: jax.lax.fori_loop(
+      0, 300, lambda _, s: st.grassmann_step(s, x, 0.5)[0], s))
+  s = np.asarray(track(s), np.float64)
+  # Principal angles between span(S) and the planted span are ~0.
+  cosines = np.linalg.svd(u.T @ s, compute_uv=False)
+  assert cosines.min() > 0.999
+
+
+def test_tracking_geodesic_angle_matches_formula():
+  """A step rotates span(S) by exactly theta = step * sigma (one plane)."""
+  x, s, _ = _tracking_problem(seed=8)
+  s_new, theta = jit_track(s, x, 0.3, True)
+  cosines = np.linalg.svd(np.asarray(s, np.float64).T @ np.asarray(s_new),
+                          compute_uv=False)
+  np.testing.assert_allclose(np.arccos(np.clip(cosines.min(), -1, 1)),
+                             float(theta), atol=2e-3)
+  np.testing.assert_allclose(np.sort(cosines)[1:], 1.0, atol=1e-5)
+
+
+def test_transport_with_identity_leaves_moments_unchanged():
+  rng = np.random.default_rng(9)
+  s, _ = np.linalg.qr(rng.normal(size=(16, 4)))
+  s = jnp.asarray(s, jnp.float32)
+  m = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  v = jnp.asarray(rng.uniform(0.5, 1.5, size=(4, 10)), jnp.float32) + m * m
+  m2, v2 = jax.jit(_transform._transport)(s, s, m, v)
+  np.testing.assert_allclose(m2, m, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v2, v, rtol=1e-5, atol=1e-6)
+
+
+def test_transport_permutation_permutes_moments():
+  rng = np.random.default_rng(10)
+  s, _ = np.linalg.qr(rng.normal(size=(16, 4)))
+  perm = np.array([2, 0, 3, 1])
+  m = rng.normal(size=(4, 10)).astype(np.float32)
+  v = (rng.uniform(size=(4, 10)) + m * m).astype(np.float32)
+  m2, v2 = _transform._transport(jnp.asarray(s[:, perm], jnp.float32),
+                                 jnp.asarray(s, jnp.float32), m, v)
+  np.testing.assert_allclose(m2, m[perm], atol=1e-5)
+  np.testing.assert_allclose(v2, v[perm], atol=1e-5)
+
+
+def _state_bytes(state):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("basis_dtype,mu_dtype,param_dtype,side", [
+    (jnp.float32, None, jnp.float32, "small"),
+    (jnp.bfloat16, jnp.bfloat16, jnp.float32, "large"),
+    (jnp.float32, None, jnp.bfloat16, "small"),
+])
+def test_state_bytes_equal_spec_formula(basis_dtype, mu_dtype, param_dtype,
+                                        side):
+  r = 4
+  params = {"wide": jnp.zeros((12, 40), param_dtype),
+            "tall": jnp.zeros((40, 12), param_dtype),
+            "scan": jnp.zeros((3, 16, 24), param_dtype),
+            "bias": jnp.zeros((40,), param_dtype),
+            "thin": jnp.zeros((4, 50), param_dtype)}
+  tx = st.subtrack(r, basis_dtype=basis_dtype, mu_dtype=mu_dtype,
+                   basis_side=side)
+  state = jax.eval_shape(tx.init, params)
+  pb = jnp.dtype(param_dtype).itemsize
+  bb = jnp.dtype(basis_dtype).itemsize
+  mb = jnp.dtype(mu_dtype or param_dtype).itemsize
+
+  def matrix(m, n):
+    d, big_d = (min(m, n), max(m, n)) if side == "small" else (max(m, n),
+                                                              min(m, n))
+    return d * r * bb + r * big_d * (mb + pb) + 4
+
+  expected = (4 + matrix(12, 40) + matrix(40, 12) + 3 * matrix(16, 24)
+              + 40 * (mb + pb) + 200 * (mb + pb))
+  assert _state_bytes(state) == expected
+  adam = _state_bytes(jax.eval_shape(optax.scale_by_adam().init, params))
+  assert _state_bytes(state) < adam

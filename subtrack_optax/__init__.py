@@ -7,6 +7,7 @@ Example:
 """
 
 from subtrack_optax._dimension_numbers import SubTrackDimensionNumbers
+from subtrack_optax._sharding import partition_specs
 from subtrack_optax._tracking import grassmann_step
 from subtrack_optax._transform import STATIC_ARGS
 from subtrack_optax._transform import SUBSPACE_UPDATES
@@ -22,6 +23,7 @@ __all__ = [
     "STATIC_ARGS",
     "SUBSPACE_UPDATES",
     "grassmann_step",
+    "partition_specs",
     "subtrack",
     "subtrack_adamw",
 ]

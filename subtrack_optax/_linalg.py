@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subtrack_optax import _sharding
+
 __all__ = [
     "HIGHEST",
     "matmul",
@@ -42,8 +44,14 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Batched ``a @ b`` in full float32 precision (no bf16/TF32 passes)."""
-  return jnp.matmul(a, b, precision=HIGHEST)
+  """Batched ``a @ b`` in full float32 precision (no bf16/TF32 passes).
+
+  Under explicit sharding, a contraction over an axis sharded in both
+  operands gets the output sharding of its free axes (a reduction across
+  devices of an output-sized piece).
+  """
+  return jnp.matmul(a, b, precision=HIGHEST,
+                    out_sharding=_sharding.matmul_out_sharding(a, b))
 
 
 def _mT(a: jax.Array) -> jax.Array:
@@ -77,13 +85,15 @@ def householder_orthonormalize(y: jax.Array) -> jax.Array:
   def reflect(v, a):
     # (I - 2 v v^T) a, for v unit (or zero), a (..., d, k).
     return a - 2.0 * v[..., :, None] * jnp.einsum(
-        "...d,...dk->...k", v, a, precision=HIGHEST)[..., None, :]
+        "...d,...dk->...k", v, a, precision=HIGHEST,
+        out_sharding=_sharding.reduced_sharding(a, -2))[..., None, :]
 
   def body(j, carry):
     r, vs = carry
     x = jax.lax.dynamic_index_in_dim(r, j, axis=-1, keepdims=False)
     x = jnp.where(rows >= j, x, 0.0)
-    xj = jax.lax.dynamic_index_in_dim(x, j, axis=-1, keepdims=False)
+    # x_j as a masked sum: no dynamic slice of the (possibly sharded) d axis.
+    xj = jnp.sum(jnp.where(rows == j, x, 0.0), axis=-1)
     norm_x = jnp.sqrt(jnp.sum(x * x, axis=-1))
     sign = jnp.where(xj >= 0, 1.0, -1.0)
     v = x + (sign * norm_x)[..., None] * (rows == j)
@@ -93,11 +103,11 @@ def householder_orthonormalize(y: jax.Array) -> jax.Array:
     vs = jax.lax.dynamic_update_index_in_dim(vs, v, j, axis=-1)
     return r, vs
 
-  vs = jnp.zeros(batch + (d, k), jnp.float32)
+  vs = jnp.zeros_like(y)  # (batch..., d, k), with y's sharding
   _, vs = jax.lax.fori_loop(0, k, body, (y, vs))
-  q = jnp.broadcast_to(
+  q = _sharding.like(jnp.broadcast_to(
       (rows[:, None] == jnp.arange(k)[None, :]).astype(jnp.float32),
-      batch + (d, k))
+      batch + (d, k)), y)
 
   def apply_back(i, q):
     j = k - 1 - i

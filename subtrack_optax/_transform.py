@@ -357,7 +357,9 @@ def subtrack(
     pick = lambda i: tm(lambda pl, o: o[i], plans, out)
     new_state = SubTrackState(count=count_inc, mu=pick(1), nu=pick(2),
                               basis=bases, recovery_norm=pick(3))
-    return pick(0), new_state
+    # Explicit sharding only: back to the stored layouts (local slices).
+    like = functools.partial(jax.tree.map, _sharding.like)
+    return like(pick(0), updates), like(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

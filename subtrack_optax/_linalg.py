@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ __all__ = [
     "top_eigvec_psd",
     "reorthonormalize",
     "top_left_singular_vectors",
+    "top_left_singular_vectors_multi",
+    "safe_frobenius_norm",
     "subspace_iterations",
 ]
 
@@ -50,8 +53,7 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   operands gets the output sharding of its free axes (a reduction across
   devices of an output-sized piece).
   """
-  return jnp.matmul(a, b, precision=HIGHEST,
-                    out_sharding=_sharding.matmul_out_sharding(a, b))
+  return _sharding.matmul(a, b, precision=HIGHEST)
 
 
 def _mT(a: jax.Array) -> jax.Array:
@@ -288,6 +290,69 @@ def subspace_iterations(rank: int, k: int) -> int:
   return int(min(24, max(4, math.ceil(math.log(1e8) / per_iter))))
 
 
+def _flat(x: jax.Array) -> jax.Array:
+  """``(batch..., a, b)`` -> ``(prod(batch), a, b)`` (a free reshape)."""
+  return x.reshape((-1,) + x.shape[-2:])
+
+
+def safe_frobenius_norm(x: jax.Array) -> jax.Array:
+  """``||x||_F`` over the last two axes without over- or underflow.
+
+  Scaled by the largest magnitude inside the reduction (fused, no copy).
+  """
+  amax = jnp.max(jnp.abs(x), axis=(-2, -1))
+  scale = jnp.where(amax > 0, amax, 1.0)
+  y = x / scale[..., None, None]
+  return scale * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1)))
+
+
+def top_left_singular_vectors_multi(xs: Sequence[jax.Array],
+                                    rank: int) -> list[jax.Array]:
+  """:func:`top_left_singular_vectors` of several matrices of one shape.
+
+  ``xs`` are arrays ``(batch_i..., d, D)`` with a common ``(d, D)``. The
+  products with each ``X`` are taken leaf by leaf (no stacked copy of the
+  matrices); the small ``d x k`` panels and ``k x k`` matrices of all leaves
+  are stacked, so the Householder and Jacobi loops are traced once for the
+  whole group (compile time does not grow with the number of leaves).
+
+  A matrix with a non-finite entry gets the first ``rank`` unit vectors.
+  """
+  shapes = [x.shape for x in xs]
+  xs = [_flat(x).astype(jnp.float32) for x in xs]
+  sizes = [x.shape[0] for x in xs]
+  d, big_d = xs[0].shape[-2:]
+  k = min(d, 2 * rank)
+  norms = [safe_frobenius_norm(x) for x in xs]
+  inv = jnp.concatenate([jnp.where(n > 0, 1.0 / n, 0.0) for n in norms])
+  inv = inv[:, None, None]
+  split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1], axis=0)
+  # X (X^T Q) of every leaf, each factor scaled by 1/||X|| (no overflow).
+  apply = lambda q: inv * jnp.concatenate([
+      matmul(x, inv_i * matmul(_mT(x), qi))
+      for x, qi, inv_i in zip(xs, split(q), split(inv))])
+  # Fixed Gaussian start block: deterministic, independent of the data.
+  omega = jax.random.normal(jax.random.key(0x5B7), (big_d, k), jnp.float32)
+  y = inv * jnp.concatenate([matmul(x, omega) for x in xs])
+  y = jnp.where(jnp.isfinite(y), y, 0.0)
+
+  def step(_, y):
+    return apply(householder_orthonormalize(y))
+
+  y = jax.lax.fori_loop(0, subspace_iterations(rank, k), step, y)
+  q = householder_orthonormalize(jnp.where(jnp.isfinite(y), y, 0.0))
+  b = [inv_i * matmul(_mT(qi), x) for x, qi, inv_i in zip(xs, split(q),
+                                                         split(inv))]
+  _, w = sym_eig(jnp.concatenate([matmul(bi, _mT(bi)) for bi in b]))
+  s = matmul(q, w[..., :, :rank])
+  finite = jnp.concatenate([jnp.isfinite(n) for n in norms])[:, None, None]
+  unit = (jnp.arange(d)[:, None] == jnp.arange(rank)[None, :])
+  s = jnp.where(finite & jnp.all(jnp.isfinite(s), axis=(-2, -1),
+                                 keepdims=True), s, unit.astype(s.dtype))
+  return [si.reshape(shape[:-2] + (d, rank))
+          for si, shape in zip(split(s), shapes)]
+
+
 def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
   """Top-``rank`` left singular vectors of ``x`` (``..., d, D``).
 
@@ -296,7 +361,8 @@ def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
   Householder reflections, then Rayleigh-Ritz: the ``k x k`` matrix
   ``B B^T`` with ``B = Q^T X`` is diagonalized by Jacobi and the Ritz vectors
   ``Q W`` are returned in descending order of singular value. Columns are
-  orthonormal for any input, zero and rank-deficient ``x`` included.
+  orthonormal for any input, zero and rank-deficient ``x`` included; a
+  matrix with a non-finite entry gets the first ``rank`` unit vectors.
 
   Args:
     x: array ``(..., d, D)``.
@@ -304,21 +370,11 @@ def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
 
   Returns:
     ``S`` of shape ``(..., d, rank)``, float32.
+
+  Example:
+    >>> import jax
+    >>> x = jax.random.normal(jax.random.key(0), (16, 24))
+    >>> top_left_singular_vectors(x, 4).shape
+    (16, 4)
   """
-  x = x.astype(jnp.float32)
-  d, big_d = x.shape[-2:]
-  k = min(d, 2 * rank)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-  x = x / jnp.where(norm > 0, norm, 1.0)
-  x = jnp.where(jnp.isfinite(x), x, 0.0)
-  # Fixed Gaussian start block: deterministic, independent of the data.
-  omega = jax.random.normal(jax.random.key(0x5B7), (big_d, k), jnp.float32)
-  q = householder_orthonormalize(matmul(x, omega))
-
-  def step(_, q):
-    return householder_orthonormalize(matmul(x, matmul(_mT(x), q)))
-
-  q = jax.lax.fori_loop(0, subspace_iterations(rank, k), step, q)
-  b = matmul(_mT(q), x)
-  _, w = sym_eig(matmul(b, _mT(b)))
-  return matmul(q, w[..., :, :rank])
+  return top_left_singular_vectors_multi([x.astype(jnp.float32)], rank)[0]

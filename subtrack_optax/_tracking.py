@@ -7,12 +7,15 @@ projection error ``F(S) = ||X - S S^T X||_F^2`` of the current gradient.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from subtrack_optax import _linalg
 
-__all__ = ["grassmann_step"]
+__all__ = ["grassmann_step", "grassmann_step_multi"]
 
 
 def grassmann_step(s: jax.Array, x: jax.Array, step_size,
@@ -59,20 +62,40 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
     Rajabi, Nonta & Rambhatla, SubTrack++ (NeurIPS 2025, arXiv 2502.01586),
     Alg. 1; Edelman, Arias & Smith, SIAM J. Matrix Anal. Appl. 20(2), 1998.
   """
+  s_new, theta = grassmann_step_multi([s], [x], step_size, normalize)
+  return s_new[0], theta[0]
+
+
+def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
+                         step_size, normalize: bool = True
+                         ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """:func:`grassmann_step` for several matrices of one shape ``(d, D)``.
+
+  The products with each ``X`` (``A = S^T X_n`` and ``X_n A^T``) are taken
+  leaf by leaf; everything after them is ``d x r`` or ``r x r`` and runs
+  once on the stacked leaves, so its code is traced once per group.
+  ``X_n = X / ||X||_F`` is never materialized: the products are scaled.
+  """
   mm = _linalg.matmul
   mt = lambda a: jnp.swapaxes(a, -1, -2)
-  s = s.astype(jnp.float32)
-  x = x.astype(jnp.float32)
-  finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))
-  x = jnp.where(finite[..., None, None], x, 0.0)
-  if normalize:
-    norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-    x = x / jnp.where(norm > 0, norm, 1.0)
-  a = mm(mt(s), x)                                   # (r, D)
-  grad = -2.0 * (mm(x, mt(a)) - mm(s, mm(a, mt(a))))  # (d, r)
+  shapes = [s.shape for s in ss]
+  flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+  xs = [flat(x).astype(jnp.float32) for x in xs]
+  sizes = [x.shape[0] for x in xs]
+  split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1], axis=0)
+  s = jnp.concatenate([flat(si).astype(jnp.float32) for si in ss])
+  norms = jnp.concatenate([_linalg.safe_frobenius_norm(x) for x in xs])
+  finite = jnp.isfinite(norms)
+  inv = (jnp.where(norms > 0, 1.0 / norms, 0.0) if normalize
+         else jnp.ones_like(norms))[:, None, None]
+  a = inv * jnp.concatenate(
+      [mm(mt(si), x) for si, x in zip(split(s), xs)])      # (r, D)
+  xat = inv * jnp.concatenate(
+      [mm(x, mt(ai)) for x, ai in zip(xs, split(a))])      # (d, r)
+  grad = -2.0 * (xat - mm(s, mm(a, mt(a))))
   tangent = grad - mm(s, mm(mt(s), grad))
-  gram = mm(mt(tangent), tangent)                    # (r, r)
-  v = _linalg.top_eigvec_psd(gram)                   # (r,)
+  gram = mm(mt(tangent), tangent)                          # (r, r)
+  v = _linalg.top_eigvec_psd(gram)                         # (r,)
   sigma_sq = jnp.einsum("...i,...ij,...j->...", v, gram, v,
                         precision=_linalg.HIGHEST)
   sigma = jnp.sqrt(jnp.maximum(sigma_sq, 0.0))
@@ -87,4 +110,7 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
   s_new = s + direction[..., :, None] * v[..., None, :]
   s_new = _linalg.reorthonormalize(s_new)
   ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
-  return jnp.where(ok[..., None, None], s_new, s), jnp.where(ok, theta, 0.0)
+  s_new = jnp.where(ok[..., None, None], s_new, s)
+  theta = jnp.where(ok, theta, 0.0)
+  return ([si.reshape(shape) for si, shape in zip(split(s_new), shapes)],
+          [ti.reshape(shape[:-2]) for ti, shape in zip(split(theta), shapes)])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex  # noqa: F401  (type annotations only)
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics
 from optax._src import utils as optax_utils
@@ -254,37 +256,47 @@ def subtrack(
     _sharding.record_init(state, plans)  # for subtrack_optax.partition_specs
     return state
 
-  # ---- subspace update of one leaf: three branches of one switch --------
+  # ---- subspace update: three branches of one switch ---------------------
+  # Each branch maps lists of leaves that share a canonical shape (d, D) (a
+  # "group"), so the loops of the factorizations are traced once per group.
 
-  def keep(plan, count, x, s, mu, nu):
-    del plan, count, x
-    return s, mu, nu
+  def keep(plans, count, xs, ss, mus, nus):
+    del plans, count, xs
+    return ss, mus, nus
 
-  def first(plan, count, x, s, mu, nu):
-    del count
-    s_new = _linalg.top_left_singular_vectors(x, rank)
-    return s_new.astype(s.dtype), mu, nu
+  def first(plans, count, xs, ss, mus, nus):
+    del plans, count
+    news = _linalg.top_left_singular_vectors_multi(xs, rank)
+    return [n.astype(s.dtype) for n, s in zip(news, ss)], mus, nus
 
-  def refresh(plan, count, x, s, mu, nu):
+  def refresh(plans, count, xs, ss, mus, nus):
     if subspace_update == "frozen":
-      return s, mu, nu
-    s_old = s.astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))[..., None, None]
+      return ss, mus, nus
+    olds = [s.astype(jnp.float32) for s in ss]
     if subspace_update == "grassmann":
-      s_new, _ = _tracking.grassmann_step(s_old, x, step_size,
-                                          normalize_tracking)
+      news, _ = _tracking.grassmann_step_multi(olds, xs, step_size,
+                                               normalize_tracking)
     elif subspace_update == "svd":
-      s_new = _linalg.top_left_singular_vectors(x, rank)
-    else:  # random
-      key = jax.random.fold_in(jax.random.key(seed), plan.path_hash)
-      key = jax.random.fold_in(key, count)
-      g = jax.random.normal(key, plan.batch_shape + (plan.d, rank),
-                            jnp.float32)
-      s_new = _linalg.householder_orthonormalize(g)
-    s_new = jnp.where(finite, s_new, s_old)
-    if transport_moments:
-      mu, nu = _transport(s_new, s_old, mu, nu)
-    return s_new.astype(s.dtype), mu, nu
+      news = _linalg.top_left_singular_vectors_multi(xs, rank)
+    else:  # random: keyed by seed, leaf path and step count
+      draws = []
+      for plan in plans:
+        key = jax.random.fold_in(jax.random.key(seed), plan.path_hash)
+        key = jax.random.fold_in(key, count)
+        draws.append(jax.random.normal(
+            key, (math.prod(plan.batch_shape), plan.d, rank), jnp.float32))
+      q = _linalg.householder_orthonormalize(jnp.concatenate(draws))
+      q = jnp.split(q, np.cumsum([len(g) for g in draws])[:-1])
+      news = [qi.reshape(s.shape) for qi, s in zip(q, ss)]
+    outs = []
+    for x, old, new, mu, nu, s in zip(xs, olds, news, mus, nus, ss):
+      if subspace_update != "grassmann":  # grassmann checks this itself
+        finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))[..., None, None]
+        new = jnp.where(finite, new, old)
+      if transport_moments:
+        mu, nu = _transport(new, old, mu, nu)
+      outs.append((new.astype(s.dtype), mu, nu))
+    return tuple(list(o) for o in zip(*outs))
 
   branches = (keep, first, refresh)
 
@@ -294,30 +306,56 @@ def subtrack(
 
   def subspace_update_all(plans, count, xs, bases, mus, nus):
     """Applies the subspace update to every projected leaf."""
-    proj = [p for p in jax.tree.leaves(plans, is_leaf=_is_plan) if p.projected]
-    n_proj = max(len(proj), 1)
-    index_of = {p.path: i for i, p in enumerate(proj)}
+    plan_list, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
+    flat = [treedef.flatten_up_to(t) for t in (xs, bases, mus, nus)]
+    proj = [i for i, p in enumerate(plan_list) if p.projected]
+    if stagger:  # one group (and one switch) per leaf, each its own phase
+      groups = [[i] for i in proj]
+    else:
+      by_key = {}
+      for i in proj:
+        key = (plan_list[i].d, plan_list[i].big_d,
+               _sharding_key(flat[0][i]), flat[1][i].dtype, flat[2][i].dtype,
+               flat[3][i].dtype)
+        by_key.setdefault(key, []).append(i)
+      groups = list(by_key.values())
 
-    def leaves_fn(which):
-      def fn(xs, bases, mus, nus):
-        return _map_projected(
-            plans, lambda pl, x, s, m, v: branches[which](pl, count, x, s, m, v),
-            xs, bases, mus, nus)
-      return fn
+    def run(which, pls, groups, *operands):
+      """Branch ``which`` on ``operands`` (lists aligned with ``pls``)."""
+      out = [list(o) for o in operands[1:]]
+      for g in groups:
+        got = branches[which]([pls[j] for j in g], count,
+                              *[[o[j] for j in g] for o in operands])
+        for t in range(3):
+          for j, v in zip(g, got[t]):
+            out[t][j] = v
+      return out
 
+    operands = [[f[i] for i in proj] for f in flat]
+    pos = {i: j for j, i in enumerate(proj)}
+    groups = [[pos[i] for i in g] for g in groups]
     if not stagger:
-      idx = branch_index(count, 0)
-      return jax.lax.switch(idx, [leaves_fn(i) for i in range(3)], xs, bases,
-                            mus, nus)
-
-    def per_leaf(plan, x, s, m, v):
-      phase = (index_of[plan.path] * update_interval) // n_proj
-      idx = branch_index(count, phase)
-      return jax.lax.switch(
-          idx, [functools.partial(b, plan, count) for b in branches],
-          x, s, m, v)
-
-    return _map_projected(plans, per_leaf, xs, bases, mus, nus)
+      new = jax.lax.switch(
+          branch_index(count, 0),
+          [functools.partial(run, w, [plan_list[i] for i in proj], groups)
+           for w in range(3)], *operands)
+    else:
+      n_proj = max(len(proj), 1)
+      new = [[], [], []]
+      for g in groups:
+        phase = (g[0] * update_interval) // n_proj
+        got = jax.lax.switch(
+            branch_index(count, phase),
+            [functools.partial(run, w, [plan_list[proj[g[0]]]], [[0]])
+             for w in range(3)],
+            *[[o[g[0]]] for o in operands])
+        for t in range(3):
+          new[t].append(got[t][0])
+    result = [list(f) for f in flat[1:]]
+    for j, i in enumerate(proj):
+      for t in range(3):
+        result[t][i] = new[t][j]
+    return tuple(treedef.unflatten(r) for r in result)
 
   def update_fn(updates, state, params=None):
     del params
@@ -364,6 +402,12 @@ def subtrack(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _sharding_key(x):
+  """The explicit sharding of ``x`` (``None`` in Auto mode / unsharded)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  return None if sharding is None else str(getattr(sharding, "spec", None))
+
+
 def _map_projected(plans, fn, xs, bases, mus, nus):
   """Maps ``fn`` over projected leaves; dense leaves pass through.
 
@@ -402,7 +446,7 @@ def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
   """
   mm = _linalg.matmul
   st = jnp.swapaxes(s, -1, -2)
-  p = jnp.matmul(st, x, out_sharding=_sharding.matmul_out_sharding(st, x))
+  p = _sharding.matmul(st, x)                        # (r, D)
   mu = (1 - b1) * p + b1 * mu
   nu = (1 - b2) * (p * p) + b2 * nu
   c = count_inc.astype(jnp.float32)

@@ -34,6 +34,7 @@ import threading
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -191,6 +192,20 @@ def matmul_out_sharding(a, b) -> Optional[NamedSharding]:
   used |= set(row)
   col = tuple(x for x in eb[-1] if x not in used)
   return sa.update(spec=_spec(*batch, row, col))
+
+
+def matmul(a, b, precision=None):
+  """``jnp.matmul(a, b)``, with :func:`matmul_out_sharding` when needed.
+
+  The annotated product is written as an ``einsum`` (the same dot_general):
+  in jax 0.10.2 ``jnp.matmul`` applies ``out_sharding`` to the wrong axes
+  when both operands have a batch axis of size 1.
+  """
+  out = matmul_out_sharding(a, b)
+  if out is None:
+    return jnp.matmul(a, b, precision=precision)
+  return jnp.einsum("...ij,...jk->...ik", a, b, precision=precision,
+                    out_sharding=out)
 
 
 def reduced_sharding(x, axis: int) -> Optional[NamedSharding]:

@@ -7,6 +7,8 @@ Example:
 """
 
 from subtrack_optax._dimension_numbers import SubTrackDimensionNumbers
+from subtrack_optax._diagnostics import SubspaceDiagnostics
+from subtrack_optax._diagnostics import subspace_diagnostics
 from subtrack_optax._sharding import partition_specs
 from subtrack_optax._tracking import grassmann_step
 from subtrack_optax._transform import STATIC_ARGS
@@ -22,8 +24,10 @@ __all__ = [
     "SubTrackState",
     "STATIC_ARGS",
     "SUBSPACE_UPDATES",
+    "SubspaceDiagnostics",
     "grassmann_step",
     "partition_specs",
     "subtrack",
     "subtrack_adamw",
+    "subspace_diagnostics",
 ]

@@ -28,9 +28,20 @@ def _grads(seed, params=PARAMS):
       jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
 
 
-def _run(tx, steps, params=PARAMS, jit=True):
+@functools.lru_cache(maxsize=None)
+def _tx(*args, **kwargs):
+  """One transform (and so one compiled update per shape) per config."""
+  return st.subtrack(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(fn):
+  return jax.jit(fn)
+
+
+def _run(tx, steps, params=PARAMS):
   state = tx.init(params)
-  update = jax.jit(tx.update) if jit else tx.update
+  update = _jit(tx.update)
   outs = []
   for t in range(steps):
     u, state = update(_grads(t, params), state, params)
@@ -50,7 +61,7 @@ def test_public_names():
 
 
 def test_eval_shape_init_and_state_consistent_across_branches():
-  tx = st.subtrack(R, update_interval=2)
+  tx = _tx(R, 2)
   shapes = jax.eval_shape(tx.init, PARAMS)
   outs, state = _run(tx, 3)
   same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype),
@@ -95,7 +106,7 @@ def test_no_recompilation_between_steps():
 
 
 def test_dense_leaves_identical_to_scale_by_adam():
-  tx = st.subtrack(R, update_interval=2)
+  tx = _tx(R, 2)
   adam = optax.scale_by_adam()
   outs, _ = _run(tx, 4)
   ref, _ = _run(adam, 4)
@@ -105,13 +116,13 @@ def test_dense_leaves_identical_to_scale_by_adam():
 
 
 def test_scanned_leaf_equals_independent_matrices():
-  tx = st.subtrack(R, update_interval=2)
+  tx = _tx(R, 2)
   outs, _ = _run(tx, 4)
   for i in range(3):
     sliced = {"m": PARAMS["scan"][i]}
     state = tx.init(sliced)
     for t in range(4):
-      u, state = jax.jit(tx.update)({"m": _grads(t)["scan"][i]}, state)
+      u, state = _jit(tx.update)({"m": _grads(t)["scan"][i]}, state)
       np.testing.assert_allclose(u["m"], outs[t]["scan"][i], rtol=1e-5,
                                  atol=1e-6)
 
@@ -120,7 +131,7 @@ def test_attention_kernel_dimension_numbers_equal_reshaped_matrix():
   kernel = {"q": jnp.zeros((16, 2, 12))}  # (embed, heads, head_dim)
   spec = st.SubTrackDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
   tx3 = st.subtrack(R, update_interval=2, dimension_numbers={"q": spec})
-  tx2 = st.subtrack(R, update_interval=2)
+  tx2 = _tx(R, 2)
   s3, s2 = tx3.init(kernel), tx2.init({"q": jnp.zeros((16, 24))})
   assert s3.basis["q"].shape == (16, R)
   for t in range(3):
@@ -136,12 +147,12 @@ def test_transposed_axes_and_callable_dimension_numbers():
   # reduction axis 1, output axis 0: the transpose of the default frame.
   fn = lambda p: {"k": st.SubTrackDimensionNumbers(1, 0), "b": None}
   tx_fn = st.subtrack(R, update_interval=2, dimension_numbers=fn)
-  tx_t = st.subtrack(R, update_interval=2)
+  tx_t = _tx(R, 2)
   s1, s2 = tx_fn.init(params), tx_t.init({"k": jnp.zeros((12, 20))})
   for t in range(3):
     g = _grads(t, params)
-    u1, s1 = jax.jit(tx_fn.update)(g, s1)
-    u2, s2 = jax.jit(tx_t.update)({"k": g["k"].T}, s2)
+    u1, s1 = _jit(tx_fn.update)(g, s1)
+    u2, s2 = _jit(tx_t.update)({"k": g["k"].T}, s2)
     np.testing.assert_allclose(u1["k"], u2["k"].T, rtol=1e-5, atol=1e-6)
   assert isinstance(s1.basis["b"], optax.MaskedNode)
 
@@ -194,7 +205,7 @@ def test_construction_errors_name_the_argument(kwargs, arg):
 
 def test_bf16_params_give_bf16_updates():
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
-  tx = st.subtrack(R, update_interval=2)
+  tx = _tx(R, 2)
   outs, state = _run(tx, 3, params)
   for u in jax.tree.leaves(outs[-1]):
     assert u.dtype == jnp.bfloat16
@@ -206,12 +217,12 @@ def test_subtrack_adamw_is_the_documented_chain():
   lr, wd = 1e-2, 0.1
   params = jax.tree.map(lambda p: p + 1.0, PARAMS)
   tx = st.subtrack_adamw(lr, R, 2, weight_decay=wd)
-  manual = optax.chain(st.subtrack(R, 2), optax.add_decayed_weights(wd),
+  manual = optax.chain(_tx(R, 2), optax.add_decayed_weights(wd),
                        optax.scale_by_learning_rate(lr))
   a, _ = _run(tx, 3, params)
   b, _ = _run(manual, 3, params)
   chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-6)
-  direction, _ = _run(st.subtrack(R, 2), 1, params)
+  direction, _ = _run(_tx(R, 2), 1, params)
   np.testing.assert_allclose(
       a[0]["w"], -lr * (direction[0]["w"] + wd * params["w"]), rtol=1e-5)
 
@@ -228,7 +239,7 @@ def test_inside_chain_masked_and_partition():
                          {"w": "low", "b": "dense"})
   state = part.init(params)
   u, state = jax.jit(part.update)(_grads(0, params), state, params)
-  tx = st.subtrack(R, 2)
+  tx = _tx(R, 2)
   ref, _ = tx.update({"w": _grads(0, params)["w"]}, tx.init({"w": params["w"]}))
   np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-5, atol=1e-6)
 
@@ -236,7 +247,7 @@ def test_inside_chain_masked_and_partition():
 def test_inject_hyperparams_with_static_shape_arguments():
   inj = optax.inject_hyperparams(st.subtrack, static_args=st.STATIC_ARGS)
   tx = inj(rank=R, update_interval=2, scale=0.25, step_size=0.5)
-  plain = st.subtrack(R, 2, scale=0.25, step_size=0.5)
+  plain = _tx(R, 2)
   a, state = _run(tx, 3)
   b, _ = _run(plain, 3)
   chex.assert_trees_all_close(a[-1], b[-1], rtol=1e-5, atol=1e-6)

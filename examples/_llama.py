@@ -68,8 +68,8 @@ CONFIGS = {
                         seq_len=64, batch_size=8, rank=8, update_interval=10,
                         lr=3e-3, steps=100),
     "small": LlamaConfig(hidden=128, intermediate=352, heads=4, layers=4,
-                         seq_len=128, batch_size=16, rank=32,
-                         update_interval=50, lr=3e-3, steps=400),
+                         seq_len=64, batch_size=16, rank=32,
+                         update_interval=25, lr=3e-3, steps=200),
     # The paper's shapes (SubTrack++ Table 4 / GaLore Table 5).
     "60m": LlamaConfig(hidden=512, intermediate=1376, heads=8, layers=8,
                        rank=128, steps=10_000),

@@ -450,11 +450,14 @@ class _Writer:
 
 
 def plot_losses(path: str, train: list[dict], evals: list[dict], title: str):
-  """Training (and eval) loss against step, saved as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  """Training (and eval) loss against step, saved as a PNG.
+
+  Uses a bare ``Figure`` (Agg canvas), not pyplot, so it neither needs a
+  display nor changes the backend of a notebook that calls :func:`main`.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
   ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1,
           label="train")
   if evals:
@@ -467,7 +470,6 @@ def plot_losses(path: str, train: list[dict], evals: list[dict], title: str):
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 # --------------------------------------------------------------------------

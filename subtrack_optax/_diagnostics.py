@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -60,6 +61,17 @@ def _is_plan(x) -> bool:
   return isinstance(x, dn.LeafPlan)
 
 
+def _unwrap_variables(tree):
+  """Replaces Flax NNX variables (``nnx.Optimizer`` state, ``nnx.grad``
+  output) by their values; other trees are returned unchanged."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda v: v.get_value() if is_var(v) else v, tree,
+                      is_leaf=is_var)
+
+
 def _infer_rank(basis_tree) -> int:
   for leaf in jax.tree.leaves(basis_tree):
     if jnp.ndim(leaf) >= 2:
@@ -72,7 +84,8 @@ def _energy(x, s):
   p = _linalg.matmul(jnp.swapaxes(s, -1, -2), x)
   num = jnp.sum(p * p, axis=(-2, -1))
   den = jnp.sum(x * x, axis=(-2, -1))
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  frac = jnp.minimum(num / jnp.where(den > 0, den, 1.0), 1.0)  # rounding
+  return jnp.where(den > 0, frac, 0.0)
 
 
 def _largest_principal_angle(s0, s1):
@@ -121,7 +134,8 @@ def subspace_diagnostics(
   ``grads`` (its basis is the one ``grads`` was projected on); ``prev_state``
   the state that update received. Either may be any optax state tree that
   contains exactly one :class:`SubTrackState` (it is found by searching the
-  tree). The leaf plans are rebuilt from ``grads`` with the transform's
+  tree), including ``nnx.Optimizer(...).opt_state``, whose leaves are Flax
+  NNX variables (they are unwrapped; so are ``nnx.grad``'s). The leaf plans are rebuilt from ``grads`` with the transform's
   ``dimension_numbers`` and ``basis_side``, which are not stored in the state:
   pass the same values you gave ``subtrack`` (defaults: the transform's
   defaults). ``rank`` is read from the stored bases when omitted. A mismatch
@@ -154,8 +168,10 @@ def subspace_diagnostics(
     >>> sorted(d), d["['w']"].captured_energy.shape
     (["['w']"], ())
   """
-  st_state = find_subtrack_state(state)
-  prev = None if prev_state is None else find_subtrack_state(prev_state)
+  grads = _unwrap_variables(grads)
+  st_state = _unwrap_variables(find_subtrack_state(state))
+  prev = (None if prev_state is None
+          else _unwrap_variables(find_subtrack_state(prev_state)))
   if rank is None:
     rank = _infer_rank(st_state.basis)
   plans = dn.resolve_plans(grads, dimension_numbers, rank, basis_side)

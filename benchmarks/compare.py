@@ -1,0 +1,375 @@
+r"""Compare SubTrack++ against AdamW and GaLore on the LLaMA example.
+
+Trains ``examples/pretrain_llama.py`` (config ``small`` by default) for the
+same number of steps with every method, over several seeds, and writes a
+markdown table and a JSON file to ``benchmarks/results/``::
+
+  python benchmarks/compare.py                  # the full default run
+  python benchmarks/compare.py --quick          # a smoke run (tiny, 2 seeds)
+  python benchmarks/compare.py --only adamw subtrack++
+
+Sections:
+
+* **main**: adamw; optax GaLore (``optax.contrib.galore``); ours with
+  ``svd`` (GaLore), ``frozen`` and ``grassmann`` without extras (transport and
+  recovery off = SubTrack-Grad); grassmann + transport; grassmann + recovery;
+  full SubTrack++ (library defaults).
+* **A/B** (SPEC section 5, each against full SubTrack++): the reference
+  code's second-moment transport (``(1-b2) |...|``), a bias-consistent
+  transport (the LDAdam form applied to bias-corrected moments), the
+  reference's recovery residual (``G - scale S S^T G``), the paper's raw
+  tracking step (``normalize_tracking=False``, step size 10 as in the
+  reference scripts) and ``basis_side="large"``.
+* **sweep**: the geodesic step size, and AdamW's learning rate (to check the
+  baseline is not handicapped by the shared learning rate).
+
+Each method runs in its own subprocess (all its seeds in one process, so
+the training step is compiled once); *peak RSS* is that process's
+``ru_maxrss`` from ``os.wait4`` (host memory: the JAX runtime, compiled code,
+data and all arrays; on CPU the arrays live in host memory). *Opt state* is
+the exact size of the optimizer state (``tx.init``). *tokens/s* excludes
+the first (compiling) step of every run.
+
+The A/B variants that the library has no flag for are applied in the worker
+process by replacing two private functions of ``subtrack_optax._transform``
+(``_transport`` and ``_projected_step``) before the transform is traced; the
+library itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+# (section, name, flags of pretrain_llama.py, variant)
+MAIN = [
+    ("main", "adamw", ["--optimizer", "adamw"], None),
+    ("main", "optax galore", ["--optimizer", "galore"], None),
+    ("main", "svd (GaLore)", ["--subspace-update", "svd", "--no-transport",
+                              "--no-recovery"], None),
+    ("main", "frozen", ["--subspace-update", "frozen", "--no-transport",
+                        "--no-recovery"], None),
+    ("main", "grassmann (SubTrack-Grad)", ["--no-transport", "--no-recovery"],
+     None),
+    ("main", "grassmann + transport", ["--no-recovery"], None),
+    ("main", "grassmann + recovery", ["--no-transport"], None),
+    ("main", "subtrack++", [], None),
+]
+AB = [
+    ("A/B", "transport: reference (1-b2)|.|", [], "transport=reference"),
+    ("A/B", "transport: bias-consistent", [], "transport=debiased"),
+    ("A/B", "recovery: reference G - scale SS^T G", [], "recovery=reference"),
+    ("A/B", "raw step (normalize_tracking=False, 10)",
+     ["--raw-step", "--step-size", "10"], None),
+    ("A/B", "basis_side=large", ["--basis-side", "large"], None),
+]
+SWEEP = [
+    ("sweep", f"step_size={s}", ["--step-size", str(s)], None)
+    for s in (0.1, 0.25, 1.0, 2.0)
+] + [
+    ("sweep", f"adamw lr={lr}", ["--optimizer", "adamw", "--lr", str(lr)],
+     None) for lr in (1e-3, 1e-2)
+]
+
+
+# --------------------------------------------------------------------------
+# Variants (worker side).
+
+_CTX = {}
+
+
+def apply_variant(variant, b1=0.9, b2=0.999):
+  """Patches the core for one A/B variant (worker processes only)."""
+  if variant is None:
+    return
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from subtrack_optax import _linalg  # pylint: disable=g-import-not-at-top
+  from subtrack_optax import _transform  # pylint: disable=g-import-not-at-top
+
+  mm = _linalg.matmul
+
+  def change_of_basis(s_new, s_old, mu):
+    c = mm(jnp.swapaxes(s_new, -1, -2), s_old)
+    m = mu.astype(jnp.float32)
+    return c, m, mm(c, m)
+
+  if variant == "transport=reference":
+    def transport(s_new, s_old, mu, nu):
+      c, m, cm = change_of_basis(s_new, s_old, mu)
+      v = (1 - b2) * jnp.abs(mm(c * c, nu.astype(jnp.float32) - m * m)
+                             + cm * cm)
+      return cm.astype(mu.dtype), v.astype(nu.dtype)
+    _transform._transport = transport
+  elif variant == "transport=debiased":
+    # The LDAdam form on bias-corrected moments, mapped back:
+    # V' = C^2 (V - rho M^2) + rho (CM)^2, rho = (1-b2^t) / (1-b1^t)^2.
+    # The step count t is read from the state when the update is traced.
+    inner_subtrack = _transform.subtrack
+
+    def subtrack(*args, **kwargs):
+      inner = inner_subtrack(*args, **kwargs)
+
+      def update(updates, state, params=None):
+        _CTX["count"] = state.count
+        return inner.update(updates, state, params)
+      return optax.GradientTransformationExtraArgs(inner.init, update)
+
+    def transport(s_new, s_old, mu, nu):
+      t = _CTX["count"].astype(jnp.float32)
+      rho = (1 - b2 ** t) / (1 - b1 ** t) ** 2
+      c, m, cm = change_of_basis(s_new, s_old, mu)
+      v = mm(c * c, nu.astype(jnp.float32) - rho * m * m) + rho * cm * cm
+      return cm.astype(mu.dtype), jnp.maximum(v, 0.0).astype(nu.dtype)
+    _transform.subtrack = subtrack
+    _transform._transport = transport
+  elif variant == "recovery=reference":
+    def projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
+                       scale, recovery, zeta):
+      # As the library's, with the residual X - scale S P instead of X - S P.
+      st_ = jnp.swapaxes(s, -1, -2)
+      p = mm(st_, x)
+      mu = (1 - b1) * p + b1 * mu
+      nu = (1 - b2) * (p * p) + b2 * nu
+      c = count_inc.astype(jnp.float32)
+      n = (mu / (1 - jnp.asarray(b1, jnp.float32) ** c)) / (
+          jnp.sqrt(nu / (1 - jnp.asarray(b2, jnp.float32) ** c)) + eps)
+      if not recovery:
+        return scale * mm(s, n), mu, nu, prev
+      x_sq = jnp.sum(x * x, axis=-2)
+      p_sq = jnp.sum(p * p, axis=-2)
+      gp = mm(mm(st_, s), p)
+      resid_sq = jnp.maximum(
+          x_sq - 2 * scale * p_sq + scale ** 2 * jnp.sum(p * gp, axis=-2), 0.0)
+      phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (jnp.sqrt(p_sq) + 1e-8)
+      lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))
+      limit = (count > 0) & (lam > zeta * prev)
+      factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
+      phi = phi * factor[..., None]
+      u = mm(s, scale * n - scale * phi[..., None, :] * p) + (
+          phi[..., None, :] * x)
+      return u, mu, nu, (lam * factor).astype(jnp.float32)
+    _transform._projected_step = projected_step
+  else:
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def worker(spec_json: str) -> None:
+  """Runs every seed of one method in this process; appends JSON results."""
+  spec = json.loads(spec_json)
+  apply_variant(spec["variant"])
+  sys.path.insert(0, EXAMPLES)
+  import pretrain_llama  # pylint: disable=g-import-not-at-top
+  for seed in spec["seeds"]:
+    argv = spec["argv"] + ["--seed", str(seed), "--no-progress", "--no-plot"]
+    t0 = time.perf_counter()
+    out = pretrain_llama.main(argv)
+    losses = out["losses"]
+    every = max(1, len(losses) // 100)
+    rec = {"name": spec["name"], "seed": seed,
+           "eval_loss": out["eval_loss"], "tokens_per_s": out["tokens_per_s"],
+           "opt_state_bytes": out["opt_state_bytes"],
+           "param_bytes": out["param_bytes"],
+           "captured_energy": (sum(out["captured_energy"].values())
+                               / len(out["captured_energy"])
+                               if out["captured_energy"] else None),
+           "wall_s": time.perf_counter() - t0,
+           "loss_steps": list(range(every, len(losses) + 1, every)),
+           "losses": losses[every - 1::every]}
+    with open(spec["result_file"], "a") as f:
+      f.write(json.dumps(rec) + "\n")
+
+
+# --------------------------------------------------------------------------
+# Parent side.
+
+
+def run_method(section, name, flags, variant, base_argv, seeds, tmp_file):
+  """Runs one method's seeds in a subprocess; returns (records, rusage)."""
+  spec = {"name": name, "argv": base_argv + flags, "variant": variant,
+          "seeds": list(seeds), "result_file": tmp_file}
+  if os.path.exists(tmp_file):
+    os.remove(tmp_file)
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  load = os.getloadavg()[0]
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "--_worker",
+       json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  output = proc.stdout.read()
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  wall = time.perf_counter() - t0
+  records = []
+  if os.path.exists(tmp_file):
+    with open(tmp_file) as f:
+      records = [json.loads(l) for l in f]
+  if proc.returncode != 0 or len(records) != len(seeds):
+    print(output[-3000:], file=sys.stderr)
+    raise RuntimeError(f"{name} failed (exit {proc.returncode})")
+  peak_mb = usage.ru_maxrss / 1024.0  # Linux: kilobytes
+  return {"section": section, "name": name, "flags": flags,
+          "variant": variant, "runs": records, "peak_rss_mb": peak_mb,
+          "process_wall_s": wall, "load_avg_start": load}
+
+
+def _mean_std(xs):
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return float("nan"), float("nan")
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(result):
+  runs = result["runs"]
+  loss_m, loss_s = _mean_std([r["eval_loss"] for r in runs])
+  tps_m, _ = _mean_std([r["tokens_per_s"] for r in runs])
+  energy, _ = _mean_std([r["captured_energy"] for r in runs])
+  return {"eval_loss_mean": loss_m, "eval_loss_std": loss_s,
+          "tokens_per_s": tps_m,
+          "opt_state_mb": runs[0]["opt_state_bytes"] / 2**20,
+          "peak_rss_mb": result["peak_rss_mb"], "captured_energy": energy,
+          "n_seeds": len(runs)}
+
+
+def markdown(results, header, reference="subtrack++"):
+  ref = next((r for r in results if r["name"] == reference), None)
+  ref_loss = summarize(ref)["eval_loss_mean"] if ref else None
+  lines = header + [""]
+  sections = []
+  for r in results:
+    if r["section"] not in sections:
+      sections.append(r["section"])
+  titles = {"main": "Methods", "A/B": "A/B of SPEC section 5 (vs subtrack++)",
+            "sweep": "Sweeps"}
+  for sec in sections:
+    lines += [f"### {titles.get(sec, sec)}", "",
+              "| method | flags | eval loss (mean ± std) | Δ vs subtrack++ "
+              "| tokens/s | opt state (MiB) | peak RSS (MiB) | "
+              "captured energy |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in (x for x in results if x["section"] == sec):
+      s = summarize(r)
+      flags = " ".join(r["flags"]) + (f" [{r['variant']}]" if r["variant"]
+                                      else "")
+      delta = (f"{s['eval_loss_mean'] - ref_loss:+.4f}"
+               if ref_loss is not None and r is not ref else "")
+      energy = ("" if s["captured_energy"] != s["captured_energy"]
+                else f"{s['captured_energy']:.3f}")
+      lines.append(
+          f"| {r['name']} | `{flags or '(defaults)'}` | "
+          f"{s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f} "
+          f"(n={s['n_seeds']}) | {delta} | {s['tokens_per_s']:,.0f} | "
+          f"{s['opt_state_mb']:.2f} | {s['peak_rss_mb']:.0f} | {energy} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="small")
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps of every run (default: the config's)")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--ab-seeds", type=int, nargs="+", default=None,
+                 help="seeds of the A/B and sweep runs (default: --seeds)")
+  p.add_argument("--sections", nargs="+", default=["main", "A/B", "sweep"])
+  p.add_argument("--only", nargs="+", default=None,
+                 help="run only these method names")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny config, 20 steps, seeds 0 1: a smoke test")
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--tag", default=None, help="output file suffix")
+  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args._worker is not None:
+    worker(args._worker)
+    return
+
+  if args.quick:
+    args.config, args.steps, args.seeds = "tiny", args.steps or 20, [0, 1]
+  ab_seeds = args.ab_seeds or args.seeds
+  base = ["--config", args.config, "--eval-batches", "16"]
+  if args.steps:
+    base += ["--steps", str(args.steps)]
+  methods = [m for m in MAIN + AB + SWEEP if m[0] in args.sections]
+  if args.only:
+    methods = [m for m in methods if m[1] in args.only]
+  tag = args.tag or args.config + ("-quick" if args.quick else "")
+  os.makedirs(args.out, exist_ok=True)
+  tmp = os.path.join(args.out, f".compare_{tag}.tmp.jsonl")
+  command = "python benchmarks/compare.py " + " ".join(
+      a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
+  started = datetime.datetime.now(datetime.timezone.utc)
+  load0 = os.getloadavg()
+  results = []
+  t0 = time.perf_counter()
+  for section, name, flags, variant in methods:
+    seeds = args.seeds if section == "main" else ab_seeds
+    r = run_method(section, name, flags, variant, base, seeds, tmp)
+    results.append(r)
+    s = summarize(r)
+    print(f"[{time.perf_counter() - t0:7.0f}s] {section:5s} {name:42s} "
+          f"eval {s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f}  "
+          f"{s['tokens_per_s']:8,.0f} tok/s  state {s['opt_state_mb']:.2f} "
+          f"MiB  rss {s['peak_rss_mb']:.0f} MiB", flush=True)
+  if os.path.exists(tmp):
+    os.remove(tmp)
+  total = time.perf_counter() - t0
+
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, EXAMPLES)
+  import _llama  # pylint: disable=g-import-not-at-top
+  cfg = _llama.CONFIGS[args.config]
+  steps = args.steps or cfg.steps
+  header = [
+      f"## Comparison on `{args.config}` ({steps} steps, "
+      f"{cfg.batch_size}x{cfg.seq_len} byte tokens per step)",
+      "",
+      f"- command: `{command.strip()}`",
+      f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; total "
+      f"{total / 60:.1f} min",
+      f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+      f"{platform.platform()}; Python {platform.python_version()}, jax "
+      f"{jax.__version__}; load average {load0[0]:.1f} at start, "
+      f"{os.getloadavg()[0]:.1f} at end (the machine was shared: "
+      "tokens/s are noisy)",
+      f"- model: hidden {cfg.hidden}, intermediate {cfg.intermediate}, heads "
+      f"{cfg.heads}, layers {cfg.layers}; rank {cfg.rank}, update interval "
+      f"{cfg.update_interval}, lr {cfg.lr} (warmup 10%, cosine to 10%), "
+      "clip 1.0, scale 0.25; data: the Python standard library (eval loss in "
+      "nats per byte on the held-out files)",
+      f"- seeds: {args.seeds} (A/B and sweeps: {ab_seeds}); peak RSS = "
+      "ru_maxrss of the process that ran all seeds of a method",
+  ]
+  md = markdown(results, header)
+  print("\n" + md)
+  with open(os.path.join(args.out, f"compare_{tag}.md"), "w") as f:
+    f.write(md + "\n")
+  with open(os.path.join(args.out, f"compare_{tag}.json"), "w") as f:
+    json.dump({"command": command.strip(), "date": started.isoformat(),
+               "config": args.config, "steps": steps,
+               "machine": {"platform": platform.platform(),
+                           "cpus": os.cpu_count(),
+                           "python": platform.python_version(),
+                           "jax": jax.__version__,
+                           "load_avg_start": load0[0]},
+               "total_s": total,
+               "results": [{**r, "summary": summarize(r)} for r in results]},
+              f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

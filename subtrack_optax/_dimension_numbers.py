@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subtrack_optax import _sharding
+
 __all__ = [
     "SubTrackDimensionNumbers",
     "LeafPlan",
@@ -190,7 +192,12 @@ def to_canonical(g: jax.Array, plan: LeafPlan) -> jax.Array:
   """Leaf ``g`` -> ``X`` of shape ``(batch..., d, D)`` in float32."""
   perm = plan.batch_axes + plan.reduction_axes + plan.output_axes
   x = jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
-  x = x.reshape(plan.batch_shape + (plan.m, plan.n)).astype(jnp.float32)
+  # Explicit sharding: merged axes take their parts' mesh axes in order.
+  groups = (1,) * len(plan.batch_axes) + (len(plan.reduction_axes),
+                                          len(plan.output_axes))
+  x = x.reshape(plan.batch_shape + (plan.m, plan.n),
+                out_sharding=_sharding.merge_sharding(x, groups))
+  x = x.astype(jnp.float32)
   return x if plan.basis_on_reduction else jnp.swapaxes(x, -1, -2)
 
 
@@ -198,7 +205,11 @@ def from_canonical(x: jax.Array, plan: LeafPlan, dtype) -> jax.Array:
   """Inverse of :func:`to_canonical`, cast to ``dtype``."""
   x = x if plan.basis_on_reduction else jnp.swapaxes(x, -1, -2)
   perm = plan.batch_axes + plan.reduction_axes + plan.output_axes
-  x = x.reshape(tuple(plan.shape[a] for a in perm)).astype(dtype)
+  shape = tuple(plan.shape[a] for a in perm)
+  groups = (1,) * len(plan.batch_axes) + (len(plan.reduction_axes),
+                                          len(plan.output_axes))
+  x = x.reshape(shape, out_sharding=_sharding.split_sharding(x, shape, groups))
+  x = x.astype(dtype)
   if perm == tuple(range(len(perm))):
     return x
   return jnp.transpose(x, np.argsort(perm))

@@ -40,8 +40,6 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from subtrack_optax import _dimension_numbers as dn
-
 __all__ = ["partition_specs"]
 
 Axes = tuple  # tuple[str, ...]: the mesh axes of one array dimension
@@ -104,12 +102,12 @@ def dense_spec(shape, param_spec, sizes=None) -> P:
   return _spec(*(_fit(a, s, sizes) for a, s in zip(e, shape)))
 
 
-def projected_specs(plan: dn.LeafPlan, param_spec,
+def projected_specs(plan, param_spec,
                     sizes=None) -> tuple[P, P, P]:
   """``(moments, basis, recovery_norm)`` specs of a projected leaf.
 
   Args:
-    plan: the leaf's :class:`LeafPlan` (``plan.projected`` is True).
+    plan: the leaf's ``LeafPlan`` (``plan.projected`` is True).
     param_spec: the parameter's ``PartitionSpec`` (``None`` = replicated).
     sizes: mesh axis sizes (name -> int) for the divisibility fallback, or
       ``None`` to skip it.
@@ -145,7 +143,7 @@ def explicit_sharding(x) -> Optional[NamedSharding]:
   return s
 
 
-def init_shardings(plan: dn.LeafPlan, param):
+def init_shardings(plan, param):
   """Shardings of ``param``'s state leaves under explicit sharding.
 
   Returns ``None`` when ``param`` is not explicitly sharded, else
@@ -162,7 +160,7 @@ def init_shardings(plan: dn.LeafPlan, param):
                for sp in projected_specs(plan, s.spec, sizes))
 
 
-def init_sharding(plan: dn.LeafPlan, param, which: int):
+def init_sharding(plan, param, which: int):
   """Entry ``which`` of :func:`init_shardings` (``None`` if not explicit)."""
   out = init_shardings(plan, param)
   return None if out is None else out[which]
@@ -218,6 +216,55 @@ def reduced_sharding(x, axis: int) -> Optional[NamedSharding]:
     return None
   del e[axis]
   return s.update(spec=_spec(*e))
+
+
+def merge_sharding(x, groups) -> Optional[NamedSharding]:
+  """Sharding of ``x`` reshaped by merging each group of consecutive axes.
+
+  ``groups`` lists, in order, the number of axes merged into each output
+  axis. The merged axis takes the mesh axes of its parts in order, as
+  :func:`jax.numpy.reshape` does where it can infer it (where the parts'
+  shards are not one contiguous block this is a re-layout, an all-to-all).
+  """
+  s = explicit_sharding(x)
+  if s is None:
+    return None
+  e = _entries(s.spec, x.ndim)
+  out, i = [], 0
+  for n in groups:
+    out.append(sum(e[i:i + n], ()))
+    i += n
+  return s.update(spec=_spec(*out))
+
+
+def split_sharding(x, shape, groups) -> Optional[NamedSharding]:
+  """Sharding of ``x`` reshaped to ``shape`` by splitting axes.
+
+  Axis ``i`` of ``x`` splits into the next ``groups[i]`` entries of
+  ``shape`` and hands its mesh axes to them front to back: a part takes axes
+  while they divide it, and the next part gets the rest only once this one
+  is fully split (the inverse of :func:`merge_sharding` on a contiguous
+  merge; other axes are dropped, i.e. gathered).
+  """
+  s = explicit_sharding(x)
+  if s is None:
+    return None
+  sizes = dict(s.mesh.shape)
+  e = _entries(s.spec, x.ndim)
+  out, j = [], 0
+  for axes, n_parts in zip(e, groups):
+    parts = shape[j:j + n_parts]
+    j += n_parts
+    queue = list(axes)
+    for n in parts:
+      took, local = [], n
+      while queue and local % sizes[queue[0]] == 0:
+        local //= sizes[queue[0]]
+        took.append(queue.pop(0))
+      out.append(tuple(took))
+      if local != 1:
+        queue = []  # later parts cannot take axes: layout not a block
+  return s.update(spec=_spec(*out))
 
 
 def like(x, ref):
@@ -330,7 +377,8 @@ def partition_specs(tx, params, param_specs, *, mesh=None):
     >>> state_specs[0].basis["w"], state_specs[0].mu["w"]
     (PartitionSpec('data', 'model'), PartitionSpec('data', 'model'))
   """
-  # Imported here: _transform imports this module.
+  # Imported here: those modules import this one.
+  from subtrack_optax import _dimension_numbers as dn  # pylint: disable=g-import-not-at-top
   from subtrack_optax._transform import SubTrackState  # pylint: disable=g-import-not-at-top
 
   init = tx.init if hasattr(tx, "init") else tx

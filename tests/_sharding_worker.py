@@ -229,17 +229,27 @@ def explicit_variants():
       "no_recovery_no_transport": dict(recovery_scaling=False,
                                        transport_moments=False),
       "bf16_state": dict(mu_dtype=jnp.bfloat16, basis_dtype=jnp.bfloat16),
+      # head_dim sharded: (heads, head_dim) merges as a re-layout.
+      "attn_head_dim_sharded": dict(specs={"attn": P("data", None, "model")}),
+      "rank_not_divisible": dict(rank=3),
   }
   out = {}
   with jax.set_mesh(mesh):
-    params = jax.tree.map(
-        lambda x, sp: jax.device_put(jnp.zeros(x), NamedSharding(mesh, sp)),
-        SHAPES, pspecs, is_leaf=lambda x: isinstance(x, tuple))
     for name, kw in variants.items():
-      tx = st.subtrack(rank=RANK, update_interval=2, dimension_numbers=DNUMS,
-                       **kw)
+      specs = {**pspecs, **kw.pop("specs", {})}
+      params = jax.tree.map(
+          lambda x, sp: jax.device_put(jnp.zeros(x), NamedSharding(mesh, sp)),
+          SHAPES, specs, is_leaf=lambda x: isinstance(x, tuple))
+      kw = {"rank": RANK, **kw}
+      tx = st.subtrack(update_interval=2, dimension_numbers=DNUMS, **kw)
       try:
         state = jax.jit(tx.init)(params)
+        want = st.partition_specs(tx, params, specs)
+        if jax.tree.leaves(jax.tree.map(
+            lambda x, w: None if norm_spec(x.sharding.spec, x.ndim) ==
+            norm_spec(w, x.ndim) else 1, state, want,
+            is_leaf=lambda x: isinstance(x, P))):
+          raise ValueError("init layout is not partition_specs")
         u, new = jax.jit(tx.update).trace(params, state, params).out_info
         same = lambda a, b: (a.shape == b.shape and a.dtype == b.dtype and
                              norm_spec(a.sharding.spec, len(a.shape)) ==

@@ -262,3 +262,34 @@ def test_single_device_update_has_no_lapack_call(report):
 def test_explicit_mode_traces_for_every_option(report):
   bad = {k: v for k, v in report["explicit_variants"].items() if v != "ok"}
   assert not bad, bad
+
+
+# ------------------------------------------------- examples (slow) --
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run_example(*args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, *args], env=env, capture_output=True,
+                        text=True, timeout=WORKER_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["auto", "explicit"])
+def test_nnx_example_matches_one_device(mode):
+  out = _run_example(str(EXAMPLES / "sharded_nnx.py"), "--mode", mode,
+                     "--steps", "6")
+  diff = float(re.search(r"max relative difference to one device (\S+)",
+                         out).group(1))
+  assert diff <= 1e-4, out
+
+
+@pytest.mark.slow
+def test_linen_pjit_example_trains():
+  out = _run_example(str(EXAMPLES / "sharded_linen_pjit.py"), "--steps", "6")
+  first, last = map(float, re.search(r"losses (\S+) -> (\S+)", out).groups())
+  assert last < first, out

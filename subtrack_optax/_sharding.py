@@ -375,7 +375,7 @@ def partition_specs(tx, params, param_specs, *, mesh=None):
     >>> tx = optax.chain(st.subtrack(rank=4), optax.scale(-1e-3))
     >>> state_specs = st.partition_specs(tx, params, specs)
     >>> state_specs[0].basis["w"], state_specs[0].mu["w"]
-    (PartitionSpec('data', 'model'), PartitionSpec('data', 'model'))
+    (P('data', 'model'), P('data', 'model'))
   """
   # Imported here: those modules import this one.
   from subtrack_optax import _dimension_numbers as dn  # pylint: disable=g-import-not-at-top

@@ -79,6 +79,9 @@ SWEEP = [
 ] + [
     ("sweep", f"adamw lr={lr}", ["--optimizer", "adamw", "--lr", str(lr)],
      None) for lr in (1e-3, 1e-2)
+] + [
+    ("sweep", f"subtrack++ lr={lr}", ["--lr", str(lr)], None)
+    for lr in (1e-3, 1e-2)
 ]
 
 
@@ -134,30 +137,35 @@ def apply_variant(variant, b1=0.9, b2=0.999):
     _transform.subtrack = subtrack
     _transform._transport = transport
   elif variant == "recovery=reference":
-    def projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
-                       scale, recovery, zeta):
-      # As the library's, with the residual X - scale S P instead of X - S P.
-      st_ = jnp.swapaxes(s, -1, -2)
-      p = mm(st_, x)
-      mu = (1 - b1) * p + b1 * mu
-      nu = (1 - b2) * (p * p) + b2 * nu
-      c = count_inc.astype(jnp.float32)
-      n = (mu / (1 - jnp.asarray(b1, jnp.float32) ** c)) / (
-          jnp.sqrt(nu / (1 - jnp.asarray(b2, jnp.float32) ** c)) + eps)
+    # The library's step with recovery off (moments and scale * S N), plus
+    # the reference's recovery term phi * (X - scale S S^T X) with the same
+    # column gains and norm-growth limiter. Only the keyword names of the
+    # library's private step are relied on (``basis_rows`` where present:
+    # then ``g`` is the leaf's own layout and X = g or g^T).
+    inner_step = _transform._projected_step
+
+    def projected_step(g, s, mu, nu, prev, count, count_inc, **kw):
+      recovery = kw.pop("recovery")
+      u, mu, nu, _ = inner_step(g, s, mu, nu, prev, count, count_inc,
+                                recovery=False, **kw)
       if not recovery:
-        return scale * mm(s, n), mu, nu, prev
-      x_sq = jnp.sum(x * x, axis=-2)
-      p_sq = jnp.sum(p * p, axis=-2)
-      gp = mm(mm(st_, s), p)
-      resid_sq = jnp.maximum(
-          x_sq - 2 * scale * p_sq + scale ** 2 * jnp.sum(p * gp, axis=-2), 0.0)
-      phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (jnp.sqrt(p_sq) + 1e-8)
-      lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))
+        return u, mu, nu, prev
+      rows = kw.get("basis_rows", True)
+      swap = lambda a: a if rows else jnp.swapaxes(a, -1, -2)
+      x = swap(g).astype(jnp.float32)
+      scale, zeta = kw["scale"], kw["zeta"]
+      p = mm(jnp.swapaxes(s, -1, -2), x)
+      c = count_inc.astype(jnp.float32)
+      n = (mu / (1 - jnp.asarray(kw["b1"], jnp.float32) ** c)) / (
+          jnp.sqrt(nu / (1 - jnp.asarray(kw["b2"], jnp.float32) ** c))
+          + kw["eps"])
+      phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (
+          jnp.sqrt(jnp.sum(p * p, axis=-2)) + 1e-8)
+      rec = (x - scale * mm(s, p)) * phi[..., None, :]
+      lam = jnp.sqrt(jnp.sum(rec * rec, axis=(-2, -1)))
       limit = (count > 0) & (lam > zeta * prev)
       factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
-      phi = phi * factor[..., None]
-      u = mm(s, scale * n - scale * phi[..., None, :] * p) + (
-          phi[..., None, :] * x)
+      u = u + swap(rec * factor[..., None, None]).astype(u.dtype)
       return u, mu, nu, (lam * factor).astype(jnp.float32)
     _transform._projected_step = projected_step
   else:
@@ -292,6 +300,9 @@ def main(argv=None):
                  help="tiny config, 20 steps, seeds 0 1: a smoke test")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   p.add_argument("--tag", default=None, help="output file suffix")
+  p.add_argument("--resume", action="store_true",
+                 help="keep the methods already in the output JSON (same "
+                 "config, steps and seeds) and run only the missing ones")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._worker is not None:
@@ -314,12 +325,45 @@ def main(argv=None):
       a if " " not in a else repr(a) for a in (argv or sys.argv[1:]))
   started = datetime.datetime.now(datetime.timezone.utc)
   load0 = os.getloadavg()
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, EXAMPLES)
+  import _llama  # pylint: disable=g-import-not-at-top
+  cfg = _llama.CONFIGS[args.config]
+  steps = args.steps or cfg.steps
+  json_path = os.path.join(args.out, f"compare_{tag}.json")
+  machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+             "python": platform.python_version(), "jax": jax.__version__,
+             "load_avg_start": load0[0]}
+  done = {}
+  if args.resume and os.path.exists(json_path):
+    old = json.load(open(json_path))
+    if old["config"] == args.config and old["steps"] == steps:
+      for r in old["results"]:
+        done[r["name"]] = r
+      command, started = old["command"], datetime.datetime.fromisoformat(
+          old["date"])
+      machine = old["machine"]
+
+  def save(results, total, complete):
+    with open(json_path, "w") as f:
+      json.dump({"command": command.strip(), "date": started.isoformat(),
+                 "config": args.config, "steps": steps, "machine": machine,
+                 "total_s": total, "complete": complete,
+                 "results": [{**r, "summary": summarize(r)}
+                             for r in results]}, f, indent=1)
+
   results = []
-  t0 = time.perf_counter()
+  t0 = time.perf_counter() - (
+      json.load(open(json_path)).get("total_s", 0.0) if done else 0.0)
   for section, name, flags, variant in methods:
     seeds = args.seeds if section == "main" else ab_seeds
+    prev = done.get(name)
+    if prev is not None and [x["seed"] for x in prev["runs"]] == list(seeds):
+      results.append({k: v for k, v in prev.items() if k != "summary"})
+      continue
     r = run_method(section, name, flags, variant, base, seeds, tmp)
     results.append(r)
+    save(results, time.perf_counter() - t0, complete=False)
     s = summarize(r)
     print(f"[{time.perf_counter() - t0:7.0f}s] {section:5s} {name:42s} "
           f"eval {s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f}  "
@@ -329,11 +373,6 @@ def main(argv=None):
     os.remove(tmp)
   total = time.perf_counter() - t0
 
-  import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, EXAMPLES)
-  import _llama  # pylint: disable=g-import-not-at-top
-  cfg = _llama.CONFIGS[args.config]
-  steps = args.steps or cfg.steps
   header = [
       f"## Comparison on `{args.config}` ({steps} steps, "
       f"{cfg.batch_size}x{cfg.seq_len} byte tokens per step)",
@@ -343,7 +382,8 @@ def main(argv=None):
       f"{total / 60:.1f} min",
       f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
       f"{platform.platform()}; Python {platform.python_version()}, jax "
-      f"{jax.__version__}; load average {load0[0]:.1f} at start, "
+      f"{machine['jax']}; load average {machine['load_avg_start']:.1f} at "
+      "start, "
       f"{os.getloadavg()[0]:.1f} at end (the machine was shared: "
       "tokens/s are noisy)",
       f"- model: hidden {cfg.hidden}, intermediate {cfg.intermediate}, heads "
@@ -358,17 +398,7 @@ def main(argv=None):
   print("\n" + md)
   with open(os.path.join(args.out, f"compare_{tag}.md"), "w") as f:
     f.write(md + "\n")
-  with open(os.path.join(args.out, f"compare_{tag}.json"), "w") as f:
-    json.dump({"command": command.strip(), "date": started.isoformat(),
-               "config": args.config, "steps": steps,
-               "machine": {"platform": platform.platform(),
-                           "cpus": os.cpu_count(),
-                           "python": platform.python_version(),
-                           "jax": jax.__version__,
-                           "load_avg_start": load0[0]},
-               "total_s": total,
-               "results": [{**r, "summary": summarize(r)} for r in results]},
-              f, indent=1)
+  save(results, total, complete=True)
 
 
 if __name__ == "__main__":

@@ -62,18 +62,31 @@ __all__ = ["build_parser", "main", "make_optimizer", "Run"]
 OPTIMIZERS = ("adamw", "galore", "subtrack")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except ``None``/``False`` ones (explained in the help)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False or not action.help:
+      return action.help or ""
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command line of the example."""
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
   g = p.add_argument_group("run")
-  g.add_argument("--config", default="tiny", choices=sorted(_llama.CONFIGS))
-  g.add_argument("--optimizer", default="subtrack", choices=OPTIMIZERS)
+  g.add_argument("--config", default="tiny", choices=list(_llama.CONFIGS),
+                 help="model size (tiny, small: CPU; the rest: the paper's)")
+  g.add_argument("--optimizer", default="subtrack", choices=OPTIMIZERS,
+                 help="subtrack: SubTrack++ (subtrack_optax); galore: "
+                 "optax.contrib.galore; adamw: optax.adamw")
   g.add_argument("--steps", type=int, default=None,
                  help="training steps (default: the config's)")
-  g.add_argument("--batch-size", type=int, default=None)
-  g.add_argument("--seq-len", type=int, default=None)
+  g.add_argument("--batch-size", type=int, default=None,
+                 help="sequences per step (default: the config's)")
+  g.add_argument("--seq-len", type=int, default=None,
+                 help="tokens (bytes) per sequence (default: the config's)")
   g.add_argument("--seed", type=int, default=0,
                  help="model init and data order")
   g.add_argument("--compute-dtype", default="float32",
@@ -86,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "library's sources and docs)")
   g.add_argument("--corpus-mb", type=float, default=16.0,
                  help="cap of the train split in MB")
-  g.add_argument("--eval-batches", type=int, default=8)
+  g.add_argument("--eval-batches", type=int, default=8,
+                 help="batches of held-out windows in each evaluation")
   g.add_argument("--eval-every", type=int, default=0,
                  help="evaluate every N steps (0: only at the end)")
   g = p.add_argument_group("schedule")
@@ -98,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="final lr of the cosine decay, relative to --lr")
   g.add_argument("--clip", type=float, default=1.0,
                  help="global-norm gradient clipping (0: off)")
-  g.add_argument("--weight-decay", type=float, default=0.0)
-  g.add_argument("--b1", type=float, default=0.9)
-  g.add_argument("--b2", type=float, default=0.999)
+  g.add_argument("--weight-decay", type=float, default=0.0,
+                 help="decoupled weight decay")
+  g.add_argument("--b1", type=float, default=0.9, help="Adam's beta1")
+  g.add_argument("--b2", type=float, default=0.999, help="Adam's beta2")
   g = p.add_argument_group("low rank (galore and subtrack)")
   g.add_argument("--rank", type=int, default=None,
                  help="projection rank (default: the config's, hidden/4)")
@@ -110,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="scale of the back-projected update")
   g = p.add_argument_group("subtrack")
   g.add_argument("--subspace-update", default="grassmann",
-                 choices=st.SUBSPACE_UPDATES)
+                 choices=st.SUBSPACE_UPDATES,
+                 help="grassmann: SubTrack tracking; svd: GaLore; random: "
+                 "GoLore; frozen: keep the first basis")
   g.add_argument("--step-size", type=float, default=None,
                  help="geodesic step size (default: subtrack's)")
   g.add_argument("--raw-step", action="store_true",
@@ -119,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="transport_moments=False")
   g.add_argument("--no-recovery", action="store_true",
                  help="recovery_scaling=False")
-  g.add_argument("--norm-growth-limit", type=float, default=1.01)
-  g.add_argument("--basis-side", default="small", choices=("small", "large"))
+  g.add_argument("--norm-growth-limit", type=float, default=1.01,
+                 help="max growth per step of the recovery term's norm")
+  g.add_argument("--basis-side", default="small", choices=("small", "large"),
+                 help="which side of each matrix the basis spans")
   g.add_argument("--stagger", action="store_true",
                  help="per-leaf phases of the subspace updates")
   g.add_argument("--no-diagnostics", action="store_true",
@@ -129,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--mesh", default="none",
                  help="'none' (one device), 'auto' (FSDP over all devices) "
                  "or 'DATAxFSDP', e.g. '2x4'")
-  g.add_argument("--checkpoint-dir", default=None)
+  g.add_argument("--checkpoint-dir", default=None,
+                 help="orbax checkpoints: saved here, resumed from here")
   g.add_argument("--checkpoint-every", type=int, default=0,
                  help="save every N steps (0: only at the end)")
   g.add_argument("--stop-after", type=int, default=None,
@@ -137,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "preempted; --steps still sets the schedule")
   g.add_argument("--out-dir", default=None,
                  help="write metrics.jsonl and loss.png here")
-  g.add_argument("--log-every", type=int, default=10)
-  g.add_argument("--no-plot", action="store_true")
-  g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--log-every", type=int, default=10,
+                 help="steps between syncs to the host (diagnostics records, "
+                 "progress bar)")
+  g.add_argument("--no-plot", action="store_true", help="no loss.png")
+  g.add_argument("--no-progress", action="store_true",
+                 help="no tqdm progress bar")
   return p
 
 

@@ -20,8 +20,15 @@ Sections:
   reference's recovery residual (``G - scale S S^T G``), the paper's raw
   tracking step (``normalize_tracking=False``, step size 10 as in the
   reference scripts) and ``basis_side="large"``.
-* **sweep**: the geodesic step size, and AdamW's learning rate (to check the
-  baseline is not handicapped by the shared learning rate).
+* **sweep**: the geodesic step size and the learning rate of SubTrack++, and
+  AdamW's learning rate (is the baseline handicapped by the shared one?).
+* **follow-up**: the step-size sweep again with the bias-consistent
+  transport, and that transport combined with the reference's recovery
+  residual.
+
+The "Δ vs subtrack++" column is the mean and std over the seeds both runs
+share of the paired difference in eval loss (same seed = same initialization
+and data order).
 
 Each method runs in its own subprocess (all its seeds in one process, so
 the training step is compiled once); *peak RSS* is that process's
@@ -73,6 +80,23 @@ AB = [
      ["--raw-step", "--step-size", "10"], None),
     ("A/B", "basis_side=large", ["--basis-side", "large"], None),
 ]
+# With the bias-consistent transport (which removes the instability that
+# the library's current transport shows at early subspace updates).
+FOLLOWUP = [
+    ("follow-up", f"bias-consistent, step_size={s}", ["--step-size", str(s)],
+     "transport=debiased") for s in (0.1, 0.25, 1.0)
+] + [
+    ("follow-up", f"bias-consistent, lr={lr}", ["--lr", str(lr)],
+     "transport=debiased") for lr in (1e-3, 1e-2)
+] + [
+    ("follow-up", "bias-consistent + reference recovery", [],
+     "transport=debiased+recovery=reference"),
+    # Do the reference-form gains survive a tuned learning rate?
+    ("follow-up", "bias-consistent + reference recovery, lr=0.01",
+     ["--lr", "0.01"], "transport=debiased+recovery=reference"),
+    ("follow-up", "reference transport, lr=0.01", ["--lr", "0.01"],
+     "transport=reference"),
+]
 SWEEP = [
     ("sweep", f"step_size={s}", ["--step-size", str(s)], None)
     for s in (0.1, 0.25, 1.0, 2.0)
@@ -94,6 +118,10 @@ _CTX = {}
 def apply_variant(variant, b1=0.9, b2=0.999):
   """Patches the core for one A/B variant (worker processes only)."""
   if variant is None:
+    return
+  if "+" in variant:
+    for v in variant.split("+"):
+      apply_variant(v, b1, b2)
     return
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -252,32 +280,43 @@ def summarize(result):
           "n_seeds": len(runs)}
 
 
+def paired_delta(result, ref):
+  """Mean and std over shared seeds of (eval loss - reference eval loss)."""
+  ref_by_seed = {x["seed"]: x["eval_loss"] for x in ref["runs"]}
+  diffs = [x["eval_loss"] - ref_by_seed[x["seed"]] for x in result["runs"]
+           if x["seed"] in ref_by_seed]
+  return (*_mean_std(diffs), len(diffs))
+
+
 def markdown(results, header, reference="subtrack++"):
   ref = next((r for r in results if r["name"] == reference), None)
-  ref_loss = summarize(ref)["eval_loss_mean"] if ref else None
   lines = header + [""]
   sections = []
   for r in results:
     if r["section"] not in sections:
       sections.append(r["section"])
   titles = {"main": "Methods", "A/B": "A/B of SPEC section 5 (vs subtrack++)",
-            "sweep": "Sweeps"}
+            "sweep": "Sweeps (subtrack++ unless named)",
+            "follow-up": "Follow-up: with the bias-consistent transport"}
   for sec in sections:
     lines += [f"### {titles.get(sec, sec)}", "",
               "| method | flags | eval loss (mean ± std) | Δ vs subtrack++ "
-              "| tokens/s | opt state (MiB) | peak RSS (MiB) | "
+              "(same seeds) | tokens/s | opt state (MiB) | peak RSS (MiB) | "
               "captured energy |",
               "|---|---|---|---|---|---|---|---|"]
     for r in (x for x in results if x["section"] == sec):
       s = summarize(r)
       flags = " ".join(r["flags"]) + (f" [{r['variant']}]" if r["variant"]
                                       else "")
-      delta = (f"{s['eval_loss_mean'] - ref_loss:+.4f}"
-               if ref_loss is not None and r is not ref else "")
+      delta = ""
+      if ref is not None and r is not ref:
+        d_mean, d_std, n = paired_delta(r, ref)
+        delta = f"{d_mean:+.4f} ± {d_std:.4f}" if n else ""
       energy = ("" if s["captured_energy"] != s["captured_energy"]
                 else f"{s['captured_energy']:.3f}")
       lines.append(
-          f"| {r['name']} | `{flags or '(defaults)'}` | "
+          f"| {r['name'].replace('|', '&#124;')} | "
+          f"`{(flags or '(defaults)').replace('|', '&#124;')}` | "
           f"{s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f} "
           f"(n={s['n_seeds']}) | {delta} | {s['tokens_per_s']:,.0f} | "
           f"{s['opt_state_mb']:.2f} | {s['peak_rss_mb']:.0f} | {energy} |")
@@ -291,9 +330,10 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=None,
                  help="training steps of every run (default: the config's)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--ab-seeds", type=int, nargs="+", default=None,
-                 help="seeds of the A/B and sweep runs (default: --seeds)")
-  p.add_argument("--sections", nargs="+", default=["main", "A/B", "sweep"])
+  p.add_argument("--ab-seeds", type=int, nargs="+", default=[0, 1],
+                 help="seeds of the A/B, sweep and follow-up runs")
+  p.add_argument("--sections", nargs="+",
+                 default=["main", "A/B", "sweep", "follow-up"])
   p.add_argument("--only", nargs="+", default=None,
                  help="run only these method names")
   p.add_argument("--quick", action="store_true",
@@ -311,11 +351,12 @@ def main(argv=None):
 
   if args.quick:
     args.config, args.steps, args.seeds = "tiny", args.steps or 20, [0, 1]
-  ab_seeds = args.ab_seeds or args.seeds
+  ab_seeds = args.ab_seeds
   base = ["--config", args.config, "--eval-batches", "16"]
   if args.steps:
     base += ["--steps", str(args.steps)]
-  methods = [m for m in MAIN + AB + SWEEP if m[0] in args.sections]
+  methods = [m for m in MAIN + AB + SWEEP + FOLLOWUP
+             if m[0] in args.sections]
   if args.only:
     methods = [m for m in methods if m[1] in args.only]
   tag = args.tag or args.config + ("-quick" if args.quick else "")

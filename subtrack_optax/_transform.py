@@ -216,6 +216,9 @@ def subtrack(
   rank = int(rank)
   mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
   basis_dtype = jnp.dtype(basis_dtype)
+  # A stored float32 (or wider) basis is orthonormal to rounding, so the
+  # recovery norm needs no r x r Gram correction (see _projected_step).
+  gram_correction = basis_dtype.itemsize < 4
   dense_adam = optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype)
   plans_of = functools.partial(dn.resolve_plans,
                                dimension_numbers=dimension_numbers, rank=rank,
@@ -304,10 +307,13 @@ def subtrack(
     due = (count >= phase) & ((count - phase) % update_interval == 0)
     return jnp.where(count == 0, 1, jnp.where(due, 2, 0)).astype(jnp.int32)
 
-  def subspace_update_all(plans, count, xs, bases, mus, nus):
-    """Applies the subspace update to every projected leaf."""
+  def subspace_update_all(plans, count, gs, bases, mus, nus):
+    """Applies the subspace update to every projected leaf.
+
+    ``gs`` are the leaves as given; each branch forms their canonical frame.
+    """
     plan_list, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
-    flat = [treedef.flatten_up_to(t) for t in (xs, bases, mus, nus)]
+    flat = [treedef.flatten_up_to(t) for t in (gs, bases, mus, nus)]
     proj = [i for i, p in enumerate(plan_list) if p.projected]
     if stagger:  # one group (and one switch) per leaf, each its own phase
       groups = [[i] for i in proj]
@@ -315,13 +321,18 @@ def subtrack(
       by_key = {}
       for i in proj:
         key = (plan_list[i].d, plan_list[i].big_d,
-               _sharding_key(flat[0][i]), flat[1][i].dtype, flat[2][i].dtype,
+               _sharding_key(dn.to_canonical(flat[0][i], plan_list[i])),
+               flat[1][i].dtype, flat[2][i].dtype,
                flat[3][i].dtype)
         by_key.setdefault(key, []).append(i)
       groups = list(by_key.values())
 
     def run(which, pls, groups, *operands):
       """Branch ``which`` on ``operands`` (lists aligned with ``pls``)."""
+      # The canonical frame is formed here, inside the branch, so a step
+      # that does not update the subspace never copies a transposed leaf.
+      operands = ([dn.to_canonical(g, pl) for g, pl in zip(operands[0], pls)],
+                  *operands[1:])
       out = [list(o) for o in operands[1:]]
       for g in groups:
         got = branches[which]([pls[j] for j in g], count,
@@ -334,21 +345,23 @@ def subtrack(
     operands = [[f[i] for i in proj] for f in flat]
     pos = {i: j for j, i in enumerate(proj)}
     groups = [[pos[i] for i in g] for g in groups]
+    # Branches 1 (first) and 2 (refresh) run inside _run_if_due; "keep" is
+    # the loop that does not run.
     if not stagger:
-      new = jax.lax.switch(
+      new = _run_if_due(
           branch_index(count, 0),
           [functools.partial(run, w, [plan_list[i] for i in proj], groups)
-           for w in range(3)], *operands)
+           for w in (1, 2)], operands[0], operands[1:])
     else:
       n_proj = max(len(proj), 1)
       new = [[], [], []]
       for g in groups:
         phase = (g[0] * update_interval) // n_proj
-        got = jax.lax.switch(
+        got = _run_if_due(
             branch_index(count, phase),
             [functools.partial(run, w, [plan_list[proj[g[0]]]], [[0]])
-             for w in range(3)],
-            *[[o[g[0]]] for o in operands])
+             for w in (1, 2)],
+            [operands[0][g[0]]], [[o[g[0]]] for o in operands[1:]])
         for t in range(3):
           new[t].append(got[t][0])
     result = [list(f) for f in flat[1:]]
@@ -371,7 +384,8 @@ def subtrack(
     bases, mus, nus = _map_projected(
         plans, lambda pl, *a: _sharding.to_compute_layout(*a), xs,
         state.basis, state.mu, state.nu)
-    bases, mus, nus = subspace_update_all(plans, count, xs, bases, mus, nus)
+    bases, mus, nus = subspace_update_all(plans, count, updates, bases, mus,
+                                          nus)
 
     # Dense leaves: optax.scale_by_adam itself, on the tree whose projected
     # leaves are masked out, so its arithmetic is shared, not re-implemented.
@@ -382,13 +396,18 @@ def subtrack(
     def leaf_update(plan, g, x, s, mu, nu, prev, du, dmu, dnu):
       if not plan.projected:
         return du, dmu, dnu, _MASKED
+      # The matrix in its own (batch..., m, n) layout (for a basis on the
+      # output side, the two swaps cancel: no transposed copy is made).
+      swap = lambda a: (a if plan.basis_on_reduction
+                        else jnp.swapaxes(a, -1, -2))
       u, mu_new, nu_new, prev_new = _projected_step(
-          x, s.astype(jnp.float32), mu.astype(jnp.float32),
-          nu.astype(jnp.float32), prev, count, count_inc, b1=b1, b2=b2,
-          eps=eps, scale=scale, recovery=recovery_scaling,
-          zeta=norm_growth_limit)
-      return (dn.from_canonical(u, plan, g.dtype), mu_new.astype(mu.dtype),
-              nu_new.astype(nu.dtype), prev_new)
+          swap(x), s.astype(jnp.float32), mu.astype(jnp.float32),
+          nu.astype(jnp.float32), prev, count, count_inc,
+          basis_rows=plan.basis_on_reduction, b1=b1, b2=b2, eps=eps,
+          scale=scale, recovery=recovery_scaling, zeta=norm_growth_limit,
+          gram=gram_correction)
+      return (dn.from_canonical(swap(u), plan, g.dtype),
+              mu_new.astype(mu.dtype), nu_new.astype(nu.dtype), prev_new)
 
     out = tm(leaf_update, plans, updates, xs, bases, mus, nus,
              state.recovery_norm, dense_u, dense_state.mu, dense_state.nu)
@@ -400,6 +419,31 @@ def subtrack(
     return like(pick(0), updates), like(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _run_if_due(idx, branch_fns, x, carry):
+  """``branch_fns[idx - 1](x, *carry)`` if ``idx > 0``, else ``carry``.
+
+  A ``while_loop`` of zero or one trip on the scalar ``idx`` (a real branch,
+  never a select), the branch chosen by a switch inside the loop body.
+  Unlike a conditional with an identity branch, which XLA compiles to a copy
+  of every operand, a loop that does not run touches nothing: on a regular
+  step the bases and moments stay where they are (updated in place when the
+  state is donated), and only a step that updates the subspace pays for it.
+  """
+  trips = (idx > 0).astype(jnp.int32)
+
+  def body(loop):
+    i, carry = loop
+    if len(branch_fns) == 1:
+      carry = branch_fns[0](x, *carry)
+    else:
+      carry = jax.lax.switch(idx - 1, branch_fns, x, *carry)
+    return i + 1, tuple(carry)
+
+  _, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,
+                                (jnp.zeros([], jnp.int32), tuple(carry)))
+  return carry
 
 
 def _sharding_key(x):
@@ -435,18 +479,39 @@ def _transport(s_new, s_old, mu, nu):
   return cm.astype(mu.dtype), jnp.maximum(v_new, 0.0).astype(nu.dtype)
 
 
-def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
-                    scale, recovery, zeta):
+def _projected_step(g, s, mu, nu, prev, count, count_inc, *, basis_rows, b1,
+                    b2, eps, scale, recovery, zeta, gram):
   """Adam in the subspace, back-projection and recovery scaling (float32).
 
-  The recovery term is folded into the back-projection,
-  ``U = S (scale N - phi P) + phi X``, and its norm is computed from column
-  norms, ``||X_j - S P_j||^2 = ||X_j||^2 - 2||P_j||^2 + P_j^T (S^T S) P_j``,
-  without forming the ``d x D`` residual.
+  ``g`` is the matrix in its own layout ``(batch..., m, n)``; the canonical
+  frame is ``X = g`` if ``basis_rows`` else ``X = g^T``. Both products take
+  ``g`` as it lies in memory, so neither ``g`` nor the update is ever
+  transposed (copied). The recovery term is folded into the
+  back-projection, ``U = S (scale N - phi P) + phi X`` (one matmul), and its
+  norm comes from column norms, ``||X_j - S P_j||^2 = ||X_j||^2 -
+  2||P_j||^2 + P_j^T (S^T S) P_j``, without forming the ``d x D`` residual.
+  A basis stored in float32 or wider (``gram=False``) is orthonormal to
+  rounding, ``S^T S = I``, and the last two terms are ``-||P_j||^2``: this
+  saves an ``r x r x D`` product per step; narrower stored bases (bfloat16)
+  keep the Gram correction.
   """
   mm = _linalg.matmul
   st = jnp.swapaxes(s, -1, -2)
-  p = _sharding.matmul(st, x)                        # (r, D)
+  # The optimization barriers only pin the orientation of the big products:
+  # untransposed (row-major) operands, which XLA:CPU runs fastest, instead
+  # of XLA folding the (small) transposes back into the products.
+  bar = jax.lax.optimization_barrier
+  if basis_rows:                                     # X = g: (d, D)
+    p = _sharding.matmul(bar(st), g)                 # (r, D)
+    back = lambda w: jnp.matmul(s, w)                # (d, D)
+    col = lambda v: v[..., None, :]                  # X's column j = g[:, j]
+    col_axis = -2
+  else:                                              # X = g^T, g: (D, d)
+    # P^T = g S, a plain (D, d) x (d, r) product.
+    p = jnp.swapaxes(bar(_sharding.matmul(g, s)), -1, -2)     # (r, D)
+    back = lambda w: jnp.matmul(jnp.swapaxes(w, -1, -2), st)   # (D, d)
+    col = lambda v: v[..., :, None]                  # X's column j = g[j, :]
+    col_axis = -1
   mu = (1 - b1) * p + b1 * mu
   nu = (1 - b2) * (p * p) + b2 * nu
   c = count_inc.astype(jnp.float32)
@@ -454,17 +519,21 @@ def _projected_step(x, s, mu, nu, prev, count, count_inc, *, b1, b2, eps,
   nu_hat = nu / (1 - jnp.asarray(b2, jnp.float32) ** c)
   n = mu_hat / (jnp.sqrt(nu_hat) + eps)
   if not recovery:
-    return scale * jnp.matmul(s, n), mu, nu, prev
-  x_sq = jnp.sum(x * x, axis=-2)                     # (D,)
+    return scale * back(n), mu, nu, prev
+  x_sq = jnp.sum(g * g, axis=col_axis)               # (D,): ||X_j||^2
   p_sq = jnp.sum(p * p, axis=-2)
-  gp = mm(mm(st, s), p)
-  resid_sq = jnp.maximum(x_sq - 2.0 * p_sq + jnp.sum(p * gp, axis=-2), 0.0)
+  if gram:
+    gp = mm(mm(st, s), p)
+    resid_sq = x_sq - 2.0 * p_sq + jnp.sum(p * gp, axis=-2)
+  else:
+    resid_sq = x_sq - p_sq
+  resid_sq = jnp.maximum(resid_sq, 0.0)
   phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (jnp.sqrt(p_sq) + 1e-8)
   lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))   # (batch...)
   limit = (count > 0) & (lam > zeta * prev)
   factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
   phi = phi * factor[..., None]
-  u = jnp.matmul(s, scale * n - phi[..., None, :] * p) + phi[..., None, :] * x
+  u = back(scale * n - phi[..., None, :] * p) + col(phi) * g
   return u, mu, nu, (lam * factor).astype(jnp.float32)
 
 

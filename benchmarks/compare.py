@@ -135,8 +135,10 @@ def apply_variant(variant, b1=0.9, b2=0.999):
     m = mu.astype(jnp.float32)
     return c, m, mm(c, m)
 
+  # The replacements accept (and ignore) any extra arguments a later version
+  # of the private ``_transport`` may take.
   if variant == "transport=reference":
-    def transport(s_new, s_old, mu, nu):
+    def transport(s_new, s_old, mu, nu, *unused_args, **unused_kwargs):
       c, m, cm = change_of_basis(s_new, s_old, mu)
       v = (1 - b2) * jnp.abs(mm(c * c, nu.astype(jnp.float32) - m * m)
                              + cm * cm)
@@ -156,7 +158,7 @@ def apply_variant(variant, b1=0.9, b2=0.999):
         return inner.update(updates, state, params)
       return optax.GradientTransformationExtraArgs(inner.init, update)
 
-    def transport(s_new, s_old, mu, nu):
+    def transport(s_new, s_old, mu, nu, *unused_args, **unused_kwargs):
       t = _CTX["count"].astype(jnp.float32)
       rho = (1 - b2 ** t) / (1 - b1 ** t) ** 2
       c, m, cm = change_of_basis(s_new, s_old, mu)

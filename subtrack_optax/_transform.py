@@ -160,8 +160,10 @@ def subtrack(
   ``<= rank``, get plain Adam (identical to :func:`optax.scale_by_adam`).
   The output is a descent direction (no learning rate, no sign flip).
 
-  The subspace update runs as one :func:`jax.lax.switch` on the scalar step
-  count (per leaf, with its own phase, if ``stagger``). All factorizations
+  The subspace update is one real branch on the scalar step count (per leaf,
+  with its own phase, if ``stagger``): a zero-or-one-trip
+  :func:`jax.lax.while_loop` around a :func:`jax.lax.switch` between the first
+  basis and a refresh, so a regular step touches no basis. All factorizations
   are of ``r x r`` (or ``2r x 2r``) matrices and are matmul-only.
 
   Args:
@@ -259,13 +261,9 @@ def subtrack(
     _sharding.record_init(state, plans)  # for subtrack_optax.partition_specs
     return state
 
-  # ---- subspace update: three branches of one switch ---------------------
+  # ---- subspace update: the first basis or a refresh, on the step count ---
   # Each branch maps lists of leaves that share a canonical shape (d, D) (a
   # "group"), so the loops of the factorizations are traced once per group.
-
-  def keep(plans, count, xs, ss, mus, nus):
-    del plans, count, xs
-    return ss, mus, nus
 
   def first(plans, count, xs, ss, mus, nus):
     del plans, count
@@ -301,7 +299,8 @@ def subtrack(
       outs.append((new.astype(s.dtype), mu, nu))
     return tuple(list(o) for o in zip(*outs))
 
-  branches = (keep, first, refresh)
+  # Branch index 0 (no update) is the loop of _run_if_due that does not run.
+  branches = {1: first, 2: refresh}
 
   def branch_index(count, phase):
     due = (count >= phase) & ((count - phase) % update_interval == 0)

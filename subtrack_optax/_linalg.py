@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -119,25 +118,6 @@ def householder_orthonormalize(y: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, k, apply_back, q)
 
 
-@functools.lru_cache(maxsize=None)
-def _round_robin(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pairings of a round-robin tournament of ``k`` (even) players.
-
-  Returns ``p, q`` of shape ``(k - 1, k // 2)``: in round ``t`` the disjoint
-  pairs ``(p[t, i], q[t, i])`` cover every index once; over all rounds every
-  unordered pair meets exactly once (one cyclic Jacobi sweep).
-  """
-  players = list(range(k))
-  ps, qs = [], []
-  for _ in range(k - 1):
-    half = k // 2
-    top, bot = players[:half], players[half:][::-1]
-    ps.append([min(a, b) for a, b in zip(top, bot)])
-    qs.append([max(a, b) for a, b in zip(top, bot)])
-    players = [players[0]] + [players[-1]] + players[1:-1]
-  return np.asarray(ps, np.int32), np.asarray(qs, np.int32)
-
-
 def sym_eig(a: jax.Array, sweeps: int = 12) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition of symmetric ``k x k`` matrices by parallel Jacobi.
 
@@ -172,8 +152,8 @@ def sym_eig(a: jax.Array, sweeps: int = 12) -> tuple[jax.Array, jax.Array]:
     a = jnp.pad(a, [(0, 0)] * len(batch) + [(0, 1), (0, 1)])
   kk = k + pad
   h = kk // 2
-  # Position order: the round-robin table of _round_robin with position i
-  # (< h) holding player i and position h + i holding player kk - 1 - i.
+  # Position order of a round-robin tournament: position i (< h) holds
+  # player i and position h + i holds player kk - 1 - i.
   order = np.concatenate([np.arange(h), np.arange(kk - 1, h - 1, -1)])
   a = jnp.take(jnp.take(a, order, axis=-2), order, axis=-1)
 

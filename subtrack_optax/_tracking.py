@@ -79,7 +79,7 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
   mm = _linalg.matmul
   mt = lambda a: jnp.swapaxes(a, -1, -2)
   shapes = [s.shape for s in ss]
-  flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+  flat = _linalg._flat  # (batch..., a, b) -> (prod(batch), a, b)
   xs = [flat(x).astype(jnp.float32) for x in xs]
   sizes = [x.shape[0] for x in xs]
   split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1], axis=0)

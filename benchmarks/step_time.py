@@ -374,10 +374,12 @@ def hlo_audit(m: ModelShape, k: int) -> dict:
     kw = dict(b1=0.9, b2=0.999, eps=1e-8, scale=SCALE, recovery=True,
               zeta=1.01, gram=False)
     one = jnp.ones([], jnp.int32)
-    u1 = _transform._projected_step(g_wide, s1, m1, v1, 1.0, one, one + 1,
-                                    basis_rows=True, **kw)
-    u2 = _transform._projected_step(g_tall, s2, m2, v2, 1.0, one, one + 1,
-                                    basis_rows=False, **kw)
+    u1 = _transform._projected_step(
+        g_wide, s1, m1, v1, 1.0, one, one + 1, basis_rows=True,
+        p=_transform._project(g_wide, s1, True), **kw)
+    u2 = _transform._projected_step(
+        g_tall, s2, m2, v2, 1.0, one, one + 1, basis_rows=False,
+        p=_transform._project(g_tall, s2, False), **kw)
     return u1, u2
 
   z = lambda *sh: jnp.zeros(sh, jnp.float32)

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -35,6 +36,7 @@ __all__ = [
     "householder_orthonormalize",
     "sym_eig",
     "top_eigvec_psd",
+    "reorthonormalize_if_needed",
     "reorthonormalize",
     "top_left_singular_vectors",
     "top_left_singular_vectors_multi",
@@ -232,20 +234,31 @@ def sym_eig(a: jax.Array, sweeps: int = 12) -> tuple[jax.Array, jax.Array]:
   return w, v
 
 
-def top_eigvec_psd(g: jax.Array, squarings: int = 24) -> jax.Array:
+def top_eigvec_psd(g: jax.Array, squarings: int = 24,
+                   tol: float = 1e-5) -> jax.Array:
   """A unit top eigenvector of symmetric PSD ``k x k`` matrices.
 
-  Repeated squaring ``M <- M^2 / ||M^2||_F`` (``2^squarings`` power steps)
-  turns ``g`` into (a multiple of) the projector onto its top eigenspace;
-  its largest column, refined by two power steps on ``g``, is returned.
-  Ties give some vector of the top eigenspace. A zero ``g`` gives ``e_1``.
+  Repeated squaring ``M <- M^2 / ||M^2||_F`` (up to ``2^squarings`` power
+  steps) turns ``g`` into (a multiple of) the projector onto its top
+  eigenspace; its largest column, refined by two power steps on ``g``, is
+  returned. The squarings stop early, for the whole batch at once, when no
+  ``M`` moves by more than ``tol`` (Frobenius; ``||M||_F = 1``) in one
+  squaring: ``M`` is then a fixed point to float32 accuracy. Ties give some
+  vector of the top eigenspace. A zero ``g`` gives ``e_1``.
 
   Args:
     g: PSD array ``(..., k, k)``.
-    squarings: number of squarings.
+    squarings: the most squarings.
+    tol: the stopping threshold on the change of ``M`` in one squaring.
 
   Returns:
     unit vectors ``(..., k)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> v = top_eigvec_psd(jnp.diag(jnp.array([1.0, 3.0, 2.0])))
+    >>> [round(float(x), 4) for x in jnp.abs(v)]
+    [0.0, 1.0, 0.0]
   """
   g = g.astype(jnp.float32)
   k = g.shape[-1]
@@ -255,9 +268,14 @@ def top_eigvec_psd(g: jax.Array, squarings: int = 24) -> jax.Array:
     n = jnp.sqrt(jnp.sum(m * m, axis=(-2, -1), keepdims=True))
     return m / jnp.maximum(n, tiny)
 
-  m = normalize_f(g)
-  m = jax.lax.fori_loop(0, squarings, lambda _, m: normalize_f(matmul(m, m)),
-                        m)
+  def square(loop):
+    i, m, _ = loop
+    m2 = normalize_f(matmul(m, m))
+    return i + 1, m2, jnp.max(jnp.sqrt(jnp.sum((m2 - m) ** 2, axis=(-2, -1))))
+
+  _, m, _ = jax.lax.while_loop(
+      lambda loop: (loop[0] < squarings) & (loop[2] > tol), square,
+      (jnp.zeros([], jnp.int32), normalize_f(g), jnp.asarray(jnp.inf)))
   col_norms = jnp.sum(m * m, axis=-2)
   best = jnp.argmax(col_norms, axis=-1)
   v = jnp.take_along_axis(m, best[..., None, None], axis=-1)[..., 0]
@@ -282,6 +300,40 @@ def reorthonormalize(s: jax.Array) -> jax.Array:
   r = s.shape[-1]
   gram = matmul(_mT(s), s)
   return matmul(s, 1.5 * jnp.eye(r, dtype=s.dtype) - 0.5 * gram)
+
+
+def reorthonormalize_if_needed(ss: Sequence[jax.Array],
+                              tol: float = 1e-5) -> list[jax.Array]:
+  """:func:`reorthonormalize` applied to all of ``ss`` if any needs it.
+
+  ``||S^T S z - z||`` for the fixed unit probe ``z = 1/sqrt(r)`` measures
+  the drift of each ``S`` (``4 d r`` flops); the Newton-Schulz step (two
+  ``d x r x r`` products) runs, for the whole list, only when one of them
+  drifted by more than ``tol``. A geodesic step keeps an orthonormal basis
+  orthonormal to float32 rounding, so the drift grows only slowly (a
+  basis stored in bfloat16 is re-orthonormalized at every step). The
+  predicate is a scalar: one ``lax.cond``.
+
+  Args:
+    ss: bases ``(..., d, r)``.
+    tol: the largest drift left uncorrected.
+
+  Returns:
+    the list of bases, float32.
+  """
+  ss = [s.astype(jnp.float32) for s in ss]
+
+  def drift(s):
+    z = jnp.full(s.shape[-1:] + (1,), 1.0 / math.sqrt(s.shape[-1]),
+                 jnp.float32)
+    e = matmul(_mT(s), matmul(s, z)) - z                  # (..., r, 1)
+    return jnp.max(jnp.sqrt(jnp.sum(e * e, axis=(-2, -1))))
+
+  worst = functools.reduce(jnp.maximum, [drift(s) for s in ss])
+  # A non-finite drift also takes the step (the caller checks finiteness).
+  return jax.lax.cond(~(worst <= tol),
+                      lambda ss: [reorthonormalize(s) for s in ss],
+                      lambda ss: list(ss), ss)
 
 
 def subspace_iterations(rank: int, k: int) -> int:

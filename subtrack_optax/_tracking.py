@@ -7,7 +7,7 @@ projection error ``F(S) = ||X - S S^T X||_F^2`` of the current gradient.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,9 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
   Newton-Schulz step removes the rounding drift. If ``sigma`` is 0 or any
   input or result is non-finite, ``S`` is returned unchanged.
 
-  ``(X_n - S A) A^T`` is formed as ``X_n A^T - S (A A^T)``: no ``d x D``
-  temporary beyond the input.
+  The tangent is formed as ``T = -2 (I - S S^T) X_n A^T`` (equal to the
+  line above since ``(I - S S^T) S = 0``): no ``d x D`` temporary beyond the
+  input and no ``r x D x r`` product.
 
   Args:
     s: basis ``(..., d, r)``.
@@ -67,50 +68,95 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
 
 
 def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
-                         step_size, normalize: bool = True
-                         ) -> tuple[list[jax.Array], list[jax.Array]]:
+                         step_size, normalize: bool = True,
+                         with_axis: bool = False, projections=None,
+                         transposed: Optional[Sequence[bool]] = None):
   """:func:`grassmann_step` for several matrices of one shape ``(d, D)``.
 
   The products with each ``X`` (``A = S^T X_n`` and ``X_n A^T``) are taken
   leaf by leaf; everything after them is ``d x r`` or ``r x r`` and runs
   once on the stacked leaves, so its code is traced once per group.
   ``X_n = X / ||X||_F`` is never materialized: the products are scaled.
+
+  Since ``(I - S S^T) S = 0``, the tangent is
+  ``T = -2 (I - S S^T) X_n A^T``: the ``r x D x r`` product ``A A^T`` of the
+  Euclidean gradient is never needed. (Rounding leaves ``T`` off the
+  tangent space by about ``eps ||X_n A^T||``; it enters ``S'`` times
+  ``sin(theta)``, and ``theta`` is proportional to ``||T||``.)
+
+  ``transposed[i]`` says that ``xs[i]`` is given as ``X^T`` (``(..., D,
+  d)``, a leaf whose basis spans its output side, in its own layout): the
+  products are then taken with it as it lies, and no transposed copy is
+  made.
+
+  With ``with_axis=True`` it also returns, per matrix, the rotation's axis
+  ``v`` (``(..., r)``): in exact arithmetic the change of basis is then
+  ``S'^T S = I + (cos(theta) - 1) v v^T``, which the moment transport uses.
+
+  ``projections``, if given, are the ``P = S^T X`` (``(..., r, D)``, float32)
+  already computed: they replace the product ``S^T X``, and the projections
+  on the new basis are returned as well, from
+  ``S' = S + w v^T`` (``w = S v (cos(theta) - 1) - u sin(theta)``):
+  ``S'^T X = P + v (w^T X)``, one vector-matrix product instead of a
+  ``d x D x r`` one. (In exact arithmetic the Newton-Schulz step is the
+  identity, and it is left out of this update; its effect on ``S'`` is at
+  the rounding level.)
+
+  Returns:
+    lists ``(S', theta)``, then ``v`` with ``with_axis``, then ``S'^T X``
+    with ``projections``.
   """
   mm = _linalg.matmul
   mt = lambda a: jnp.swapaxes(a, -1, -2)
-  shapes = [s.shape for s in ss]
+  hp = _linalg.HIGHEST
   flat = _linalg._flat  # (batch..., a, b) -> (prod(batch), a, b)
-  xs = [flat(x).astype(jnp.float32) for x in xs]
-  sizes = [x.shape[0] for x in xs]
-  split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1], axis=0)
-  s = jnp.concatenate([flat(si).astype(jnp.float32) for si in ss])
-  norms = jnp.concatenate([_linalg.safe_frobenius_norm(x) for x in xs])
-  finite = jnp.isfinite(norms)
-  inv = (jnp.where(norms > 0, 1.0 / norms, 0.0) if normalize
-         else jnp.ones_like(norms))[:, None, None]
-  a = inv * jnp.concatenate(
-      [mm(mt(si), x) for si, x in zip(split(s), xs)])      # (r, D)
-  xat = inv * jnp.concatenate(
-      [mm(x, mt(ai)) for x, ai in zip(xs, split(a))])      # (d, r)
-  grad = -2.0 * (xat - mm(s, mm(a, mt(a))))
-  tangent = grad - mm(s, mm(mt(s), grad))
-  gram = mm(mt(tangent), tangent)                          # (r, r)
-  v = _linalg.top_eigvec_psd(gram)                         # (r,)
-  sigma_sq = jnp.einsum("...i,...ij,...j->...", v, gram, v,
-                        precision=_linalg.HIGHEST)
-  sigma = jnp.sqrt(jnp.maximum(sigma_sq, 0.0))
-  ok = finite & (sigma > 0) & jnp.isfinite(sigma)
-  safe_sigma = jnp.where(ok, sigma, 1.0)
-  u = jnp.einsum("...dr,...r->...d", tangent, v,
-                 precision=_linalg.HIGHEST) / safe_sigma[..., None]
-  theta = jnp.where(ok, step_size * sigma, 0.0)
-  sv = jnp.einsum("...dr,...r->...d", s, v, precision=_linalg.HIGHEST)
-  direction = sv * (jnp.cos(theta) - 1.0)[..., None] - u * jnp.sin(theta)[
-      ..., None]
-  s_new = s + direction[..., :, None] * v[..., None, :]
-  s_new = _linalg.reorthonormalize(s_new)
-  ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
-  s_new = jnp.where(ok[..., None, None], s_new, s)
-  theta = jnp.where(ok, theta, 0.0)
-  return ([si.reshape(shape) for si, shape in zip(split(s_new), shapes)],
-          [ti.reshape(shape[:-2]) for ti, shape in zip(split(theta), shapes)])
+  transposed = transposed or [False] * len(xs)
+  with_projections = projections is not None
+  if not with_projections:
+    projections = [None] * len(xs)
+  leaves = []
+  for s, x, p, t in zip(ss, xs, projections, transposed):
+    s, x = flat(s).astype(jnp.float32), flat(x).astype(jnp.float32)
+    norm = _linalg.safe_frobenius_norm(x)
+    inv = (jnp.where(norm > 0, 1.0 / norm, 0.0) if normalize
+           else jnp.ones_like(norm))[:, None, None]
+    # A = S^T X_n (r, D) and X_n A^T (d, r), X taken as it lies.
+    a = inv * (flat(p) if p is not None
+               else mt(mm(x, s)) if t else mm(mt(s), x))
+    xat = inv * (mt(mm(a, x)) if t else mm(x, mt(a)))
+    tangent = -2.0 * (xat - mm(s, mm(mt(s), xat)))
+    leaves.append((s, x, jnp.isfinite(norm), tangent))
+  # Only the r x r Gram matrices are stacked: one eigen-solver for the group.
+  grams = [mm(mt(tangent), tangent) for *_, tangent in leaves]
+  axes = jnp.split(_linalg.top_eigvec_psd(jnp.concatenate(grams)),
+                   np.cumsum([len(g) for g in grams])[:-1])
+  steps = []
+  for (s, x, finite, tangent), gram, v in zip(leaves, grams, axes):
+    sigma_sq = jnp.einsum("...i,...ij,...j->...", v, gram, v, precision=hp)
+    sigma = jnp.sqrt(jnp.maximum(sigma_sq, 0.0))
+    ok = finite & (sigma > 0) & jnp.isfinite(sigma)
+    u = jnp.einsum("...dr,...r->...d", tangent, v, precision=hp) / jnp.where(
+        ok, sigma, 1.0)[..., None]
+    theta = jnp.where(ok, step_size * sigma, 0.0)
+    sv = jnp.einsum("...dr,...r->...d", s, v, precision=hp)
+    w = (sv * (jnp.cos(theta) - 1.0)[..., None]
+         - u * jnp.sin(theta)[..., None])                     # (d,)
+    steps.append((s + w[..., :, None] * v[..., None, :], ok, theta, w))
+  s_news = _linalg.reorthonormalize_if_needed([st[0] for st in steps])
+  out = ([], [], [], [])
+  for (s, x, *_), (_, ok, theta, w), s_new, v, shape, p, t in zip(
+      leaves, steps, s_news, axes, [si.shape for si in ss], projections,
+      transposed):
+    ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
+    out[0].append(jnp.where(ok[:, None, None], s_new, s).reshape(shape))
+    out[1].append(jnp.where(ok, theta, 0.0).reshape(shape[:-2]))
+    out[2].append(v.reshape(shape[:-2] + shape[-1:]))
+    if p is not None:
+      wx = (mm(x, w[..., :, None])[..., 0] if t               # w^T X: (D,)
+            else mm(w[..., None, :], x)[..., 0, :])
+      pf = flat(p)
+      out[3].append(jnp.where(ok[:, None, None],
+                              pf + v[..., :, None] * wx[..., None, :],
+                              pf).reshape(p.shape))
+  return (out[0], out[1]) + ((out[2],) if with_axis else ()) + (
+      (out[3],) if with_projections else ())

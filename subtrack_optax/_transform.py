@@ -265,18 +265,29 @@ def subtrack(
   # Each branch maps lists of leaves that share a canonical shape (d, D) (a
   # "group"), so the loops of the factorizations are traced once per group.
 
-  def first(plans, count, xs, ss, mus, nus):
+  # Every branch also returns the projections ``P = S^T X`` on the new
+  # basis (``ps`` holds them on the old one), so the step never projects
+  # twice: a tracking step updates ``P`` in O(d D) (see _tracking).
+
+  def first(plans, count, xs, ss, mus, nus, ps):
     del plans, count
     news = _linalg.top_left_singular_vectors_multi(xs, rank)
-    return [n.astype(s.dtype) for n, s in zip(news, ss)], mus, nus
+    news = [n.astype(s.dtype) for n, s in zip(news, ss)]
+    return news, mus, nus, _reproject(news, xs, ps)
 
-  def refresh(plans, count, xs, ss, mus, nus):
+  def refresh(plans, count, xs, ss, mus, nus, ps):
     if subspace_update == "frozen":
-      return ss, mus, nus
+      return ss, mus, nus, ps
     olds = [s.astype(jnp.float32) for s in ss]
+    rotations = [None] * len(ss)
+    new_ps = None
     if subspace_update == "grassmann":
-      news, _ = _tracking.grassmann_step_multi(olds, xs, step_size,
-                                               normalize_tracking)
+      # Each X as the leaf lies (no transposed copy of a tall leaf).
+      news, thetas, axes, new_ps = _tracking.grassmann_step_multi(
+          olds, [_own_layout(x, pl) for x, pl in zip(xs, plans)], step_size,
+          normalize_tracking, with_axis=True, projections=ps,
+          transposed=[not pl.basis_on_reduction for pl in plans])
+      rotations = list(zip(axes, thetas))
     elif subspace_update == "svd":
       news = _linalg.top_left_singular_vectors_multi(xs, rank)
     else:  # random: keyed by seed, leaf path and step count
@@ -290,14 +301,18 @@ def subtrack(
       q = jnp.split(q, np.cumsum([len(g) for g in draws])[:-1])
       news = [qi.reshape(s.shape) for qi, s in zip(q, ss)]
     outs = []
-    for x, old, new, mu, nu, s in zip(xs, olds, news, mus, nus, ss):
+    for x, old, new, mu, nu, s, rot in zip(xs, olds, news, mus, nus, ss,
+                                           rotations):
       if subspace_update != "grassmann":  # grassmann checks this itself
         finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))[..., None, None]
         new = jnp.where(finite, new, old)
       if transport_moments:
-        mu, nu = _transport(new, old, mu, nu)
+        mu, nu = _transport(new, old, mu, nu, rotation=rot)
       outs.append((new.astype(s.dtype), mu, nu))
-    return tuple(list(o) for o in zip(*outs))
+    news, mus, nus = (list(o) for o in zip(*outs))
+    if new_ps is None:
+      new_ps = _reproject(news, xs, ps)
+    return news, mus, nus, new_ps
 
   # Branch index 0 (no update) is the loop of _run_if_due that does not run.
   branches = {1: first, 2: refresh}
@@ -306,13 +321,15 @@ def subtrack(
     due = (count >= phase) & ((count - phase) % update_interval == 0)
     return jnp.where(count == 0, 1, jnp.where(due, 2, 0)).astype(jnp.int32)
 
-  def subspace_update_all(plans, count, gs, bases, mus, nus):
+  def subspace_update_all(plans, count, gs, bases, mus, nus, ps):
     """Applies the subspace update to every projected leaf.
 
     ``gs`` are the leaves as given; each branch forms their canonical frame.
+    ``ps`` are the projections on the current bases; returns the trees
+    ``(bases, mus, nus, ps)`` after the update.
     """
     plan_list, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
-    flat = [treedef.flatten_up_to(t) for t in (gs, bases, mus, nus)]
+    flat = [treedef.flatten_up_to(t) for t in (gs, bases, mus, nus, ps)]
     proj = [i for i, p in enumerate(plan_list) if p.projected]
     if stagger:  # one group (and one switch) per leaf, each its own phase
       groups = [[i] for i in proj]
@@ -336,7 +353,7 @@ def subtrack(
       for g in groups:
         got = branches[which]([pls[j] for j in g], count,
                               *[[o[j] for j in g] for o in operands])
-        for t in range(3):
+        for t in range(4):
           for j, v in zip(g, got[t]):
             out[t][j] = v
       return out
@@ -353,7 +370,7 @@ def subtrack(
            for w in (1, 2)], operands[0], operands[1:])
     else:
       n_proj = max(len(proj), 1)
-      new = [[], [], []]
+      new = [[], [], [], []]
       for g in groups:
         phase = (g[0] * update_interval) // n_proj
         got = _run_if_due(
@@ -361,11 +378,11 @@ def subtrack(
             [functools.partial(run, w, [plan_list[proj[g[0]]]], [[0]])
              for w in (1, 2)],
             [operands[0][g[0]]], [[o[g[0]]] for o in operands[1:]])
-        for t in range(3):
+        for t in range(4):
           new[t].append(got[t][0])
     result = [list(f) for f in flat[1:]]
     for j, i in enumerate(proj):
-      for t in range(3):
+      for t in range(4):
         result[t][i] = new[t][j]
     return tuple(treedef.unflatten(r) for r in result)
 
@@ -383,8 +400,13 @@ def subtrack(
     bases, mus, nus = _map_projected(
         plans, lambda pl, *a: _sharding.to_compute_layout(*a), xs,
         state.basis, state.mu, state.nu)
-    bases, mus, nus = subspace_update_all(plans, count, updates, bases, mus,
-                                          nus)
+    # P = S^T X on the current bases; a subspace update replaces it.
+    ps = tm(lambda pl, x, s: (_project(_own_layout(x, pl), s,
+                                       pl.basis_on_reduction)
+                              if pl.projected else _MASKED),
+            plans, xs, bases)
+    bases, mus, nus, ps = subspace_update_all(plans, count, updates, bases,
+                                              mus, nus, ps)
 
     # Dense leaves: optax.scale_by_adam itself, on the tree whose projected
     # leaves are masked out, so its arithmetic is shared, not re-implemented.
@@ -392,23 +414,19 @@ def subtrack(
     dense_u, dense_state = dense_adam.update(
         dense(updates), optax.ScaleByAdamState(count, dense(mus), dense(nus)))
 
-    def leaf_update(plan, g, x, s, mu, nu, prev, du, dmu, dnu):
+    def leaf_update(plan, g, x, s, mu, nu, p, prev, du, dmu, dnu):
       if not plan.projected:
         return du, dmu, dnu, _MASKED
-      # The matrix in its own (batch..., m, n) layout (for a basis on the
-      # output side, the two swaps cancel: no transposed copy is made).
-      swap = lambda a: (a if plan.basis_on_reduction
-                        else jnp.swapaxes(a, -1, -2))
       u, mu_new, nu_new, prev_new = _projected_step(
-          swap(x), s.astype(jnp.float32), mu.astype(jnp.float32),
-          nu.astype(jnp.float32), prev, count, count_inc,
-          basis_rows=plan.basis_on_reduction, b1=b1, b2=b2, eps=eps,
-          scale=scale, recovery=recovery_scaling, zeta=norm_growth_limit,
-          gram=gram_correction)
-      return (dn.from_canonical(swap(u), plan, g.dtype),
+          _own_layout(x, plan), s.astype(jnp.float32),
+          mu.astype(jnp.float32), nu.astype(jnp.float32), prev, count,
+          count_inc, p=p, basis_rows=plan.basis_on_reduction, b1=b1, b2=b2,
+          eps=eps, scale=scale, recovery=recovery_scaling,
+          zeta=norm_growth_limit, gram=gram_correction)
+      return (dn.from_canonical(_own_layout(u, plan), plan, g.dtype),
               mu_new.astype(mu.dtype), nu_new.astype(nu.dtype), prev_new)
 
-    out = tm(leaf_update, plans, updates, xs, bases, mus, nus,
+    out = tm(leaf_update, plans, updates, xs, bases, mus, nus, ps,
              state.recovery_norm, dense_u, dense_state.mu, dense_state.nu)
     pick = lambda i: tm(lambda pl, o: o[i], plans, out)
     new_state = SubTrackState(count=count_inc, mu=pick(1), nu=pick(2),
@@ -464,28 +482,82 @@ def _map_projected(plans, fn, xs, bases, mus, nus):
       for i in range(3))
 
 
-def _transport(s_new, s_old, mu, nu):
+def _own_layout(x, plan):
+  """The canonical ``X`` back in the leaf's own ``(batch..., m, n)`` order.
+
+  For a basis on the output side the two swaps (this one and the one in
+  ``to_canonical``) cancel: no transposed copy is made.
+  """
+  return x if plan.basis_on_reduction else jnp.swapaxes(x, -1, -2)
+
+
+def _project(g, s, basis_rows):
+  """``P = S^T X`` (``(batch..., r, D)``, float32) with ``g`` as it lies.
+
+  ``g`` is the matrix in its own layout ``(batch..., m, n)``; ``X = g`` if
+  ``basis_rows`` else ``X = g^T``. The optimization barriers only pin the
+  orientation of the product: untransposed (row-major) operands, which
+  XLA:CPU runs fastest, instead of XLA folding the (small) transposes back
+  into the product; neither ``g`` nor ``P`` is copied transposed.
+  """
+  s = s.astype(jnp.float32)
+  bar = jax.lax.optimization_barrier
+  if basis_rows:                                     # X = g: (d, D)
+    return _sharding.matmul(bar(jnp.swapaxes(s, -1, -2)), g)
+  # X = g^T, g: (D, d): P^T = g S, a plain (D, d) x (d, r) product.
+  return jnp.swapaxes(bar(_sharding.matmul(g, s)), -1, -2)
+
+
+def _reproject(news, xs, ps):
+  """``S^T X`` for new bases ``S`` and canonical ``X`` (like ``ps``)."""
+  return [_sharding.like(_sharding.matmul(
+      jnp.swapaxes(s.astype(jnp.float32), -1, -2), x), p)
+          for s, x, p in zip(news, xs, ps)]
+
+
+def _transport(s_new, s_old, mu, nu, rotation=None):
   """Projection-aware moment transport (LDAdam form).
 
   ``C = S_new^T S_old``; ``M' = C M``;
   ``V' = max(C∘C (V - M∘M) + (C M)∘(C M), 0)``.
+
+  ``rotation=(v, theta)`` says that ``S_new`` is ``S_old`` turned by the
+  angle ``theta`` about the unit axis ``v`` of a rank-1 geodesic step, for
+  which ``C = I + beta v v^T`` exactly (``beta = cos(theta) - 1``; see
+  :func:`~subtrack_optax._tracking.grassmann_step_multi`). Then, with
+  ``w = v∘v``, ``C M = M + beta v (v^T M)`` and
+  ``(C∘C) Z = Z + 2 beta w∘Z + beta^2 w (w^T Z)`` (rows scaled by ``w``):
+  ``O(r D)`` work instead of two ``r x r x D`` products, and no ``C``.
   """
-  c = _linalg.matmul(jnp.swapaxes(s_new, -1, -2), s_old)
   m32 = mu.astype(jnp.float32)
   v32 = nu.astype(jnp.float32)
-  cm = _linalg.matmul(c, m32)
-  v_new = _linalg.matmul(c * c, v32 - m32 * m32) + cm * cm
+  z = v32 - m32 * m32
+  if rotation is None:
+    c = _linalg.matmul(jnp.swapaxes(s_new, -1, -2), s_old)
+    cm = _linalg.matmul(c, m32)
+    ccz = _linalg.matmul(c * c, z)
+  else:
+    axis, theta = rotation
+    axis = axis.astype(jnp.float32)[..., :, None]               # (r, 1)
+    # cos(theta) - 1 without cancellation for small angles.
+    beta = (-2.0 * jnp.sin(0.5 * theta) ** 2)[..., None, None]
+    w = axis * axis
+    cm = m32 + beta * axis * jnp.sum(axis * m32, axis=-2, keepdims=True)
+    ccz = (z + 2.0 * beta * w * z
+           + beta * beta * w * jnp.sum(w * z, axis=-2, keepdims=True))
+  v_new = ccz + cm * cm
   return cm.astype(mu.dtype), jnp.maximum(v_new, 0.0).astype(nu.dtype)
 
 
-def _projected_step(g, s, mu, nu, prev, count, count_inc, *, basis_rows, b1,
-                    b2, eps, scale, recovery, zeta, gram):
+def _projected_step(g, s, mu, nu, prev, count, count_inc, *, p, basis_rows,
+                    b1, b2, eps, scale, recovery, zeta, gram):
   """Adam in the subspace, back-projection and recovery scaling (float32).
 
   ``g`` is the matrix in its own layout ``(batch..., m, n)``; the canonical
-  frame is ``X = g`` if ``basis_rows`` else ``X = g^T``. Both products take
-  ``g`` as it lies in memory, so neither ``g`` nor the update is ever
-  transposed (copied). The recovery term is folded into the
+  frame is ``X = g`` if ``basis_rows`` else ``X = g^T``; ``p = S^T X``
+  (:func:`_project`). The back-projection takes ``g`` as it lies in memory,
+  so neither ``g`` nor the update is ever transposed (copied). The
+  recovery term is folded into the
   back-projection, ``U = S (scale N - phi P) + phi X`` (one matmul), and its
   norm comes from column norms, ``||X_j - S P_j||^2 = ||X_j||^2 -
   2||P_j||^2 + P_j^T (S^T S) P_j``, without forming the ``d x D`` residual.
@@ -496,21 +568,12 @@ def _projected_step(g, s, mu, nu, prev, count, count_inc, *, basis_rows, b1,
   """
   mm = _linalg.matmul
   st = jnp.swapaxes(s, -1, -2)
-  # The optimization barriers only pin the orientation of the big products:
-  # untransposed (row-major) operands, which XLA:CPU runs fastest, instead
-  # of XLA folding the (small) transposes back into the products.
-  bar = jax.lax.optimization_barrier
   if basis_rows:                                     # X = g: (d, D)
-    p = _sharding.matmul(bar(st), g)                 # (r, D)
     back = lambda w: jnp.matmul(s, w)                # (d, D)
     col = lambda v: v[..., None, :]                  # X's column j = g[:, j]
-    col_axis = -2
   else:                                              # X = g^T, g: (D, d)
-    # P^T = g S, a plain (D, d) x (d, r) product.
-    p = jnp.swapaxes(bar(_sharding.matmul(g, s)), -1, -2)     # (r, D)
     back = lambda w: jnp.matmul(jnp.swapaxes(w, -1, -2), st)   # (D, d)
     col = lambda v: v[..., :, None]                  # X's column j = g[j, :]
-    col_axis = -1
   mu = (1 - b1) * p + b1 * mu
   nu = (1 - b2) * (p * p) + b2 * nu
   c = count_inc.astype(jnp.float32)
@@ -519,16 +582,21 @@ def _projected_step(g, s, mu, nu, prev, count, count_inc, *, basis_rows, b1,
   n = mu_hat / (jnp.sqrt(nu_hat) + eps)
   if not recovery:
     return scale * back(n), mu, nu, prev
-  x_sq = jnp.sum(g * g, axis=col_axis)               # (D,): ||X_j||^2
-  p_sq = jnp.sum(p * p, axis=-2)
+  # Column norms ||X_j||^2, ||P_j||^2, ||N_j||^2 (the last two in one
+  # reduction: fewer, larger operations).
+  x_sq = jnp.sum(g * g, axis=-2 if basis_rows else -1)
+  sq = jnp.sum(jnp.stack([p * p, n * n], axis=-3), axis=-2)
+  p_sq, n_sq = sq[..., 0, :], sq[..., 1, :]
   if gram:
     gp = mm(mm(st, s), p)
     resid_sq = x_sq - 2.0 * p_sq + jnp.sum(p * gp, axis=-2)
   else:
     resid_sq = x_sq - p_sq
   resid_sq = jnp.maximum(resid_sq, 0.0)
-  phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (jnp.sqrt(p_sq) + 1e-8)
-  lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))   # (batch...)
+  phi = jnp.sqrt(n_sq) / (jnp.sqrt(p_sq) + 1e-8)
+  # ||Lam|| (phi written out again, so it fuses into the reduction).
+  lam = jnp.sqrt(jnp.sum(n_sq / (jnp.sqrt(p_sq) + 1e-8) ** 2 * resid_sq,
+                         axis=-1))                         # (batch...)
   limit = (count > 0) & (lam > zeta * prev)
   factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
   phi = phi * factor[..., None]

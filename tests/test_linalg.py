@@ -211,3 +211,91 @@ def test_state_bytes_equal_spec_formula(basis_dtype, mu_dtype, param_dtype,
   assert _state_bytes(state) == expected
   adam = _state_bytes(jax.eval_shape(optax.scale_by_adam().init, params))
   assert _state_bytes(state) < adam
+
+
+# ---- the tracking step's shortcuts against the plain formulas -------------
+
+from subtrack_optax import _tracking  # noqa: E402
+
+
+@pytest.mark.parametrize("gap", [0.5, 0.999, 1.0 - 1e-6])
+def test_top_eigvec_psd_small_gaps(gap):
+  # The squarings stop once M is a fixed point; with a small gap that must
+  # still be the top eigenvector (or, at a numerical tie, a vector whose
+  # Rayleigh quotient is the top eigenvalue).
+  rng = np.random.default_rng(11)
+  q, _ = np.linalg.qr(rng.normal(size=(3, 24, 24)))
+  w = np.concatenate([[1.0, gap], rng.uniform(0.0, 0.6, 22)])
+  g = (q * w) @ np.swapaxes(q, -1, -2)
+  v = np.asarray(jit_top_eig(g.astype(np.float32)), np.float64)
+  rayleigh = np.einsum("bi,bij,bj->b", v, g, v)
+  np.testing.assert_allclose(rayleigh, 1.0, atol=2e-6)
+  if gap <= 0.999:
+    np.testing.assert_allclose(np.abs(np.sum(v * q[..., 0], -1)), 1.0,
+                               atol=1e-4)
+
+
+def _tracking_case(seed=12, batch=(2,), d=24, big_d=40, r=5):
+  rng = np.random.default_rng(seed)
+  s, _ = np.linalg.qr(rng.normal(size=batch + (d, r)))
+  x = rng.normal(size=batch + (d, big_d))
+  return jnp.asarray(s, jnp.float32), jnp.asarray(x, jnp.float32)
+
+
+@jax.jit
+def _multi_all_ways(s, x):
+  """The tracking step plain, from given projections, and on X^T."""
+  plain = _tracking.grassmann_step_multi([s], [x], 0.7, with_axis=True)
+  p = jnp.swapaxes(s, -1, -2) @ x
+  fast = _tracking.grassmann_step_multi([s], [x], 0.7, with_axis=True,
+                                        projections=[p])
+  xt = jnp.swapaxes(x, -1, -2)
+  trans = _tracking.grassmann_step_multi([s], [xt], 0.7, with_axis=True,
+                                         projections=[p], transposed=[True])
+  return plain, fast, trans
+
+
+def test_tracking_from_projections_and_transposed_input_agree():
+  s, x = _tracking_case()
+  plain, fast, trans = _multi_all_ways(s, x)
+  for out in (fast, trans):
+    for a, b in zip(plain[:3], out[:3]):
+      np.testing.assert_allclose(a[0], b[0], atol=2e-5)
+  # The projections returned are those on the new basis.
+  s_new = np.asarray(plain[0][0], np.float64)
+  direct = np.swapaxes(s_new, -1, -2) @ np.asarray(x, np.float64)
+  for out in (fast, trans):
+    np.testing.assert_allclose(out[3][0], direct, atol=5e-5)
+  assert float(np.min(plain[1][0])) > 0.0   # it did rotate
+
+
+def test_rank1_transport_matches_change_of_basis():
+  s, x = _tracking_case(seed=13)
+  s_new, theta, axis = _tracking.grassmann_step_multi([s], [x], 1.2,
+                                                      with_axis=True)
+  rng = np.random.default_rng(14)
+  m = jnp.asarray(rng.normal(size=(2, 5, 40)), jnp.float32)
+  v = m * m + jnp.asarray(rng.uniform(0.1, 1.0, size=(2, 5, 40)), jnp.float32)
+  general = jax.jit(_transform._transport)(s_new[0], s, m, v)
+  rank1 = jax.jit(lambda *a: _transform._transport(*a[:4], rotation=a[4:]))(
+      s_new[0], s, m, v, axis[0], theta[0])
+  np.testing.assert_allclose(rank1[0], general[0], atol=2e-5)
+  np.testing.assert_allclose(rank1[1], general[1], rtol=1e-4, atol=2e-5)
+  # theta = 0 (a kept basis) leaves the moments exactly as they were.
+  same = _transform._transport(s, s, m, v, rotation=(axis[0], 0.0 * theta[0]))
+  np.testing.assert_array_equal(same[0], m)
+  np.testing.assert_array_equal(same[1], v)
+
+
+def test_reorthonormalize_if_needed():
+  s, _ = _tracking_case(seed=15)
+  fix = jax.jit(_linalg.reorthonormalize_if_needed)
+  # Orthonormal to rounding: returned as it is, bit for bit.
+  kept = fix([s, s[:1]])
+  np.testing.assert_array_equal(kept[0], s)
+  np.testing.assert_array_equal(kept[1], s[:1])
+  # One drifted basis: the whole list gets the Newton-Schulz step.
+  drifted = s * 1.001
+  fixed = fix([s, drifted])
+  assert _orth_err(drifted) > 1e-3
+  assert _orth_err(fixed[1]) < 1e-5 and _orth_err(fixed[0]) < 1e-6

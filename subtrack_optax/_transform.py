@@ -310,7 +310,9 @@ def subtrack(
         mu, nu = _transport(new, old, mu, nu, rotation=rot)
       outs.append((new.astype(s.dtype), mu, nu))
     news, mus, nus = (list(o) for o in zip(*outs))
-    if new_ps is None:
+    if new_ps is None or gram_correction:
+      # A basis stored narrower than float32 is rounded after the step:
+      # project on what is stored, so P and the back-projection agree.
       new_ps = _reproject(news, xs, ps)
     return news, mus, nus, new_ps
 
@@ -582,11 +584,10 @@ def _projected_step(g, s, mu, nu, prev, count, count_inc, *, p, basis_rows,
   n = mu_hat / (jnp.sqrt(nu_hat) + eps)
   if not recovery:
     return scale * back(n), mu, nu, prev
-  # Column norms ||X_j||^2, ||P_j||^2, ||N_j||^2 (the last two in one
-  # reduction: fewer, larger operations).
+  # Column norms ||X_j||^2, ||P_j||^2, ||N_j||^2.
   x_sq = jnp.sum(g * g, axis=-2 if basis_rows else -1)
-  sq = jnp.sum(jnp.stack([p * p, n * n], axis=-3), axis=-2)
-  p_sq, n_sq = sq[..., 0, :], sq[..., 1, :]
+  p_sq = jnp.sum(p * p, axis=-2)
+  n_sq = jnp.sum(n * n, axis=-2)
   if gram:
     gp = mm(mm(st, s), p)
     resid_sq = x_sq - 2.0 * p_sq + jnp.sum(p * gp, axis=-2)

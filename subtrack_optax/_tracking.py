@@ -73,9 +73,10 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
                          transposed: Optional[Sequence[bool]] = None):
   """:func:`grassmann_step` for several matrices of one shape ``(d, D)``.
 
-  The products with each ``X`` (``A = S^T X_n`` and ``X_n A^T``) are taken
-  leaf by leaf; everything after them is ``d x r`` or ``r x r`` and runs
-  once on the stacked leaves, so its code is traced once per group.
+  Everything is computed leaf by leaf except the top eigenvector of the
+  ``r x r`` Gram matrices, which runs once on them stacked (its loop is
+  traced once per group), and the re-orthonormalization decision, one for
+  the group (:func:`~subtrack_optax._linalg.reorthonormalize_if_needed`).
   ``X_n = X / ||X||_F`` is never materialized: the products are scaled.
 
   Since ``(I - S S^T) S = 0``, the tangent is
@@ -142,7 +143,7 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
     w = (sv * (jnp.cos(theta) - 1.0)[..., None]
          - u * jnp.sin(theta)[..., None])                     # (d,)
     steps.append((s + w[..., :, None] * v[..., None, :], ok, theta, w))
-  s_news = _linalg.reorthonormalize_if_needed([st[0] for st in steps])
+  s_news = _linalg.reorthonormalize_if_needed([step[0] for step in steps])
   out = ([], [], [], [])
   for (s, x, *_), (_, ok, theta, w), s_new, v, shape, p, t in zip(
       leaves, steps, s_news, axes, [si.shape for si in ss], projections,

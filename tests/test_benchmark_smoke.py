@@ -69,3 +69,20 @@ def test_tiny_run_writes_consistent_report(bench, tmp_path):
   md = bench.markdown({"sizes": [res]}, bench.machine(), "cmd")
   assert "| grassmann |" in md and "regular / floor" in md
   json.dumps(res)  # serializable
+
+
+def test_orthonormal_drift_script_runs_both_ways():
+  spec = importlib.util.spec_from_file_location(
+      "orthonormal_drift", os.path.join(os.path.dirname(_PATH),
+                                        "orthonormal_drift.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from subtrack_optax import _linalg
+  original = _linalg.reorthonormalize_if_needed
+  res = module.main(["--d", "12", "--big-d", "16", "--rank", "3", "--steps",
+                     "20"])
+  assert _linalg.reorthonormalize_if_needed is original  # restored
+  assert set(res) == {"with correction", "no correction"}
+  for drifts in res.values():
+    assert list(drifts) == [20]
+    assert 0.0 <= drifts[20] < 1e-4

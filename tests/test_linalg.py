@@ -299,3 +299,28 @@ def test_reorthonormalize_if_needed():
   fixed = fix([s, drifted])
   assert _orth_err(drifted) > 1e-3
   assert _orth_err(fixed[1]) < 1e-5 and _orth_err(fixed[0]) < 1e-6
+
+
+@pytest.mark.parametrize("basis_dtype,tol", [(jnp.float32, 2e-5),
+                                             (jnp.bfloat16, 2e-5)])
+def test_tracking_step_projects_on_the_stored_basis(basis_dtype, tol):
+  # With b1 = 0 the first moment after a step is that step's P exactly, so
+  # the state shows which P the step used: after a tracking step it must be
+  # the stored (new) basis times X, also when the basis is stored in
+  # bfloat16 and so differs from the float32 rotation by its rounding.
+  tx = st.subtrack(3, update_interval=2, b1=0.0, transport_moments=False,
+                   recovery_scaling=False, basis_dtype=basis_dtype)
+  rng = np.random.default_rng(16)
+  params = {"w": jnp.zeros((10, 14))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3):                     # first basis, regular, tracking
+    g = {"w": jnp.asarray(rng.normal(size=(10, 14)), jnp.float32)}
+    _, new_state = update(g, state, params)
+    moved = not np.array_equal(np.asarray(new_state.basis["w"], np.float32),
+                               np.asarray(state.basis["w"], np.float32))
+    state = new_state
+  assert moved                           # the last step did rotate
+  s = np.asarray(state.basis["w"], np.float64)
+  p = s.T @ np.asarray(g["w"], np.float64)
+  np.testing.assert_allclose(state.mu["w"], p, atol=tol * np.abs(p).max())

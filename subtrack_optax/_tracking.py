@@ -32,8 +32,9 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
      S' = S + \big(S v (\cos\theta - 1) - u \sin\theta\big) v^T
 
   (Edelman, Arias & Smith 1998, Thm 2.3, for the rank-1 direction
-  ``-T = -u sigma v^T``.) ``S'`` is orthonormal in exact arithmetic; one
-  Newton-Schulz step removes the rounding drift. If ``sigma`` is 0 or any
+  ``-T = -u sigma v^T``.) ``S'`` is orthonormal in exact arithmetic; a
+  Newton-Schulz step removes the rounding drift once it exceeds 1e-5
+  (:func:`~subtrack_optax._linalg.reorthonormalize_if_needed`). If ``sigma`` is 0 or any
   input or result is non-finite, ``S`` is returned unchanged.
 
   The tangent is formed as ``T = -2 (I - S S^T) X_n A^T`` (equal to the

@@ -595,9 +595,7 @@ def _projected_step(g, s, mu, nu, prev, count, count_inc, *, p, basis_rows,
     resid_sq = x_sq - p_sq
   resid_sq = jnp.maximum(resid_sq, 0.0)
   phi = jnp.sqrt(n_sq) / (jnp.sqrt(p_sq) + 1e-8)
-  # ||Lam|| (phi written out again, so it fuses into the reduction).
-  lam = jnp.sqrt(jnp.sum(n_sq / (jnp.sqrt(p_sq) + 1e-8) ** 2 * resid_sq,
-                         axis=-1))                         # (batch...)
+  lam = jnp.sqrt(jnp.sum(phi * phi * resid_sq, axis=-1))   # (batch...)
   limit = (count > 0) & (lam > zeta * prev)
   factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
   phi = phi * factor[..., None]

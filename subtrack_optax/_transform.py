@@ -7,7 +7,6 @@ import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import chex  # noqa: F401  (type annotations only)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -273,3 +273,23 @@ def test_multisteps_runs_inner_update_per_accumulated_step():
     _, state = update(_grads(t), state, PARAMS)
   # Two accumulated steps were applied, so the inner count is 2.
   assert int(state.inner_opt_state.count) == 2
+
+
+def test_library_imports_with_its_declared_dependencies_only():
+  # pyproject.toml declares jax, optax and numpy; test-only packages (chex,
+  # hypothesis, flax ...) must not be needed to import and run the library,
+  # as in the README's `pip install -e '.[examples]'`.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (
+      "import sys\n"
+      "for name in ('chex', 'hypothesis', 'flax', 'pytest'):\n"
+      "  sys.modules[name] = None  # importing it raises ImportError\n"
+      "import jax.numpy as jnp, subtrack_optax as st\n"
+      "tx = st.subtrack_adamw(1e-3, 2)\n"
+      "p = {'w': jnp.ones((4, 6))}\n"
+      "tx.update(p, tx.init(p), p)\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

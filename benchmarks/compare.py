@@ -37,10 +37,8 @@ data and all arrays; on CPU the arrays live in host memory). *Opt state* is
 the exact size of the optimizer state (``tx.init``). *tokens/s* excludes
 the first (compiling) step of every run.
 
-The A/B variants that the library has no flag for are applied in the worker
-process by replacing two private functions of ``subtrack_optax._transform``
-(``_transport`` and ``_projected_step``) before the transform is traced; the
-library itself is unchanged.
+The A/B variants are public options of ``subtrack`` (``transport_moments``
+and ``recovery_scaling`` take named forms), passed as flags of the example.
 """
 
 from __future__ import annotations
@@ -73,29 +71,32 @@ MAIN = [
     ("main", "subtrack++", [], None),
 ]
 AB = [
-    ("A/B", "transport: reference (1-b2)|.|", [], "transport=reference"),
-    ("A/B", "transport: bias-consistent", [], "transport=debiased"),
-    ("A/B", "recovery: reference G - scale SS^T G", [], "recovery=reference"),
+    ("A/B", "transport: reference (1-b2)|.|", ["--transport", "reference"],
+     None),
+    ("A/B", "transport: bias-consistent", ["--transport", "debiased"], None),
+    ("A/B", "recovery: reference G - scale SS^T G",
+     ["--recovery", "reference"], None),
     ("A/B", "raw step (normalize_tracking=False, 10)",
      ["--raw-step", "--step-size", "10"], None),
     ("A/B", "basis_side=large", ["--basis-side", "large"], None),
 ]
 # With the bias-consistent transport (which removes the instability that
 # the library's current transport shows at early subspace updates).
+DEBIASED = ["--transport", "debiased"]
 FOLLOWUP = [
-    ("follow-up", f"bias-consistent, step_size={s}", ["--step-size", str(s)],
-     "transport=debiased") for s in (0.1, 0.25, 1.0)
+    ("follow-up", f"bias-consistent, step_size={s}",
+     ["--step-size", str(s)] + DEBIASED, None) for s in (0.1, 0.25, 1.0)
 ] + [
-    ("follow-up", f"bias-consistent, lr={lr}", ["--lr", str(lr)],
-     "transport=debiased") for lr in (1e-3, 1e-2)
+    ("follow-up", f"bias-consistent, lr={lr}", ["--lr", str(lr)] + DEBIASED,
+     None) for lr in (1e-3, 1e-2)
 ] + [
-    ("follow-up", "bias-consistent + reference recovery", [],
-     "transport=debiased+recovery=reference"),
+    ("follow-up", "bias-consistent + reference recovery",
+     DEBIASED + ["--recovery", "reference"], None),
     # Do the reference-form gains survive a tuned learning rate?
     ("follow-up", "bias-consistent + reference recovery, lr=0.01",
-     ["--lr", "0.01"], "transport=debiased+recovery=reference"),
-    ("follow-up", "reference transport, lr=0.01", ["--lr", "0.01"],
-     "transport=reference"),
+     ["--lr", "0.01"] + DEBIASED + ["--recovery", "reference"], None),
+    ("follow-up", "reference transport, lr=0.01",
+     ["--lr", "0.01", "--transport", "reference"], None),
 ]
 SWEEP = [
     ("sweep", f"step_size={s}", ["--step-size", str(s)], None)
@@ -110,102 +111,12 @@ SWEEP = [
 
 
 # --------------------------------------------------------------------------
-# Variants (worker side).
-
-_CTX = {}
-
-
-def apply_variant(variant, b1=0.9, b2=0.999):
-  """Patches the core for one A/B variant (worker processes only)."""
-  if variant is None:
-    return
-  if "+" in variant:
-    for v in variant.split("+"):
-      apply_variant(v, b1, b2)
-    return
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from subtrack_optax import _linalg  # pylint: disable=g-import-not-at-top
-  from subtrack_optax import _transform  # pylint: disable=g-import-not-at-top
-
-  mm = _linalg.matmul
-
-  def change_of_basis(s_new, s_old, mu):
-    c = mm(jnp.swapaxes(s_new, -1, -2), s_old)
-    m = mu.astype(jnp.float32)
-    return c, m, mm(c, m)
-
-  # The replacements accept (and ignore) any extra arguments a later version
-  # of the private ``_transport`` may take.
-  if variant == "transport=reference":
-    def transport(s_new, s_old, mu, nu, *unused_args, **unused_kwargs):
-      c, m, cm = change_of_basis(s_new, s_old, mu)
-      v = (1 - b2) * jnp.abs(mm(c * c, nu.astype(jnp.float32) - m * m)
-                             + cm * cm)
-      return cm.astype(mu.dtype), v.astype(nu.dtype)
-    _transform._transport = transport
-  elif variant == "transport=debiased":
-    # The LDAdam form on bias-corrected moments, mapped back:
-    # V' = C^2 (V - rho M^2) + rho (CM)^2, rho = (1-b2^t) / (1-b1^t)^2.
-    # The step count t is read from the state when the update is traced.
-    inner_subtrack = _transform.subtrack
-
-    def subtrack(*args, **kwargs):
-      inner = inner_subtrack(*args, **kwargs)
-
-      def update(updates, state, params=None):
-        _CTX["count"] = state.count
-        return inner.update(updates, state, params)
-      return optax.GradientTransformationExtraArgs(inner.init, update)
-
-    def transport(s_new, s_old, mu, nu, *unused_args, **unused_kwargs):
-      t = _CTX["count"].astype(jnp.float32)
-      rho = (1 - b2 ** t) / (1 - b1 ** t) ** 2
-      c, m, cm = change_of_basis(s_new, s_old, mu)
-      v = mm(c * c, nu.astype(jnp.float32) - rho * m * m) + rho * cm * cm
-      return cm.astype(mu.dtype), jnp.maximum(v, 0.0).astype(nu.dtype)
-    _transform.subtrack = subtrack
-    _transform._transport = transport
-  elif variant == "recovery=reference":
-    # The library's step with recovery off (moments and scale * S N), plus
-    # the reference's recovery term phi * (X - scale S S^T X) with the same
-    # column gains and norm-growth limiter. Only the keyword names of the
-    # library's private step are relied on (``basis_rows`` where present:
-    # then ``g`` is the leaf's own layout and X = g or g^T).
-    inner_step = _transform._projected_step
-
-    def projected_step(g, s, mu, nu, prev, count, count_inc, **kw):
-      recovery = kw.pop("recovery")
-      u, mu, nu, _ = inner_step(g, s, mu, nu, prev, count, count_inc,
-                                recovery=False, **kw)
-      if not recovery:
-        return u, mu, nu, prev
-      rows = kw.get("basis_rows", True)
-      swap = lambda a: a if rows else jnp.swapaxes(a, -1, -2)
-      x = swap(g).astype(jnp.float32)
-      scale, zeta = kw["scale"], kw["zeta"]
-      p = mm(jnp.swapaxes(s, -1, -2), x)
-      c = count_inc.astype(jnp.float32)
-      n = (mu / (1 - jnp.asarray(kw["b1"], jnp.float32) ** c)) / (
-          jnp.sqrt(nu / (1 - jnp.asarray(kw["b2"], jnp.float32) ** c))
-          + kw["eps"])
-      phi = jnp.sqrt(jnp.sum(n * n, axis=-2)) / (
-          jnp.sqrt(jnp.sum(p * p, axis=-2)) + 1e-8)
-      rec = (x - scale * mm(s, p)) * phi[..., None, :]
-      lam = jnp.sqrt(jnp.sum(rec * rec, axis=(-2, -1)))
-      limit = (count > 0) & (lam > zeta * prev)
-      factor = jnp.where(limit, zeta * prev / jnp.where(limit, lam, 1.0), 1.0)
-      u = u + swap(rec * factor[..., None, None]).astype(u.dtype)
-      return u, mu, nu, (lam * factor).astype(jnp.float32)
-    _transform._projected_step = projected_step
-  else:
-    raise ValueError(f"unknown variant {variant!r}")
+# Worker side.
 
 
 def worker(spec_json: str) -> None:
   """Runs every seed of one method in this process; appends JSON results."""
   spec = json.loads(spec_json)
-  apply_variant(spec["variant"])
   sys.path.insert(0, EXAMPLES)
   import pretrain_llama  # pylint: disable=g-import-not-at-top
   for seed in spec["seeds"]:

@@ -363,23 +363,28 @@ def hlo_audit(m: ModelShape, k: int) -> dict:
         "temp_bytes": int(mem.temp_size_in_bytes),
         "temp_in_leaves": mem.temp_size_in_bytes / leaf_bytes,
     }
-  # The regular step's own products alone (the library's private step
-  # function), to separate its temporaries from those of the SVD / refresh
-  # branches, which the compiled update holds too.
-  from subtrack_optax import _transform  # pylint: disable=g-import-not-at-top
+  # The regular step's own products alone (the library's per-leaf step,
+  # composed of the equations), to separate its temporaries from those of
+  # the SVD / refresh branches, which the compiled update holds too.
+  # pylint: disable=g-import-not-at-top
+  from subtrack_optax import _config, _engine, _equations, _frame, _transform
   r = m.rank
+  cfg = _config.Config.create(
+      r, k, subspace_update="grassmann", step_size=0.5,
+      normalize_tracking=True, scale=SCALE, b1=0.9, b2=0.999, eps=1e-8,
+      transport_moments=True, recovery_scaling=True, norm_growth_limit=1.01,
+      basis_side="small", dimension_numbers=None, basis_dtype=jnp.float32,
+      mu_dtype=None, seed=0, stagger=False)
+  plans = cfg.plans(params)
+  f1, f2 = _frame.Frame(plans["gate"]), _frame.Frame(plans["down"])
 
   def regular_path(g_wide, g_tall, s1, s2, m1, v1, m2, v2):
-    kw = dict(b1=0.9, b2=0.999, eps=1e-8, scale=SCALE, recovery=True,
-              zeta=1.01, gram=False)
     one = jnp.ones([], jnp.int32)
-    u1 = _transform._projected_step(
-        g_wide, s1, m1, v1, 1.0, one, one + 1, basis_rows=True,
-        p=_transform._project(g_wide, s1, True), **kw)
-    u2 = _transform._projected_step(
-        g_tall, s2, m2, v2, 1.0, one, one + 1, basis_rows=False,
-        p=_transform._project(g_tall, s2, False), **kw)
-    return u1, u2
+    out = []
+    for f, g, s, mu, nu in ((f1, g_wide, s1, m1, v1), (f2, g_tall, s2, m2, v2)):
+      slot = _engine.Slot(s, mu, nu, _equations.project(f, g, s))
+      out.append(_transform._leaf_update(cfg, f, g, slot, 1.0, one, one + 1))
+    return tuple(out)
 
   z = lambda *sh: jnp.zeros(sh, jnp.float32)
   c = jax.jit(regular_path, donate_argnums=(4, 5, 6, 7)).lower(

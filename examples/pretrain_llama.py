@@ -134,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="normalize_tracking=False: the paper's raw step")
   g.add_argument("--no-transport", action="store_true",
                  help="transport_moments=False")
+  g.add_argument("--transport", default="ldadam",
+                 choices=("ldadam", "debiased", "reference"),
+                 help="the form of the moment transport (transport_moments)")
   g.add_argument("--no-recovery", action="store_true",
                  help="recovery_scaling=False")
+  g.add_argument("--recovery", default="orthogonal",
+                 choices=("orthogonal", "reference"),
+                 help="the recovery residual: X - S S^T X (orthogonal) or "
+                 "the reference code's X - scale S S^T X")
   g.add_argument("--norm-growth-limit", type=float, default=1.01,
                  help="max growth per step of the recovery term's norm")
   g.add_argument("--basis-side", default="small", choices=("small", "large"),
@@ -359,9 +366,6 @@ def build(config: str, spec: OptSpec, compute_dtype: str, mesh_text: str,
     params = init_params(seed)
     return params, tx.init(params)
 
-  diag_kw = dict(dimension_numbers=_subtrack_dims, basis_side=spec.basis_side,
-                 rank=spec.rank)
-
   def train_step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(functools.partial(_loss, graphdef))(
         params, batch)
@@ -369,7 +373,7 @@ def build(config: str, spec: OptSpec, compute_dtype: str, mesh_text: str,
     new_params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if diagnostics:
-      diag = st.subspace_diagnostics(grads, new_state, opt_state, **diag_kw)
+      diag = st.subspace_diagnostics(grads, new_state, opt_state)
       metrics["energy"] = {k: jnp.mean(d.captured_energy)
                            for k, d in diag.items()}
       metrics["angle"] = {k: jnp.max(d.rotation_angle)
@@ -511,8 +515,8 @@ def _opt_spec(args, cfg, steps) -> OptSpec:
                        is not None else cfg.update_interval),
       scale=args.scale, subspace_update=args.subspace_update,
       step_size=args.step_size, normalize_tracking=not args.raw_step,
-      transport_moments=not args.no_transport,
-      recovery_scaling=not args.no_recovery,
+      transport_moments=False if args.no_transport else args.transport,
+      recovery_scaling=False if args.no_recovery else args.recovery,
       norm_growth_limit=args.norm_growth_limit, basis_side=args.basis_side,
       stagger=args.stagger,
       # Only the "random" mode reads the seed; elsewhere keep it out of the

@@ -6,16 +6,16 @@ Example:
   ...                  optax.scale_by_learning_rate(1e-3))
 """
 
-from subtrack_optax._dimension_numbers import SubTrackDimensionNumbers
-from subtrack_optax._diagnostics import SubspaceDiagnostics
-from subtrack_optax._diagnostics import subspace_diagnostics
-from subtrack_optax._sharding import partition_specs
-from subtrack_optax._tracking import grassmann_step
-from subtrack_optax._transform import STATIC_ARGS
-from subtrack_optax._transform import SUBSPACE_UPDATES
-from subtrack_optax._transform import SubTrackState
-from subtrack_optax._transform import subtrack
-from subtrack_optax._transform import subtrack_adamw
+from subtrack_optax._config import STATIC_ARGS as STATIC_ARGS
+from subtrack_optax._config import SUBSPACE_UPDATES as SUBSPACE_UPDATES
+from subtrack_optax._diagnostics import SubspaceDiagnostics as SubspaceDiagnostics
+from subtrack_optax._diagnostics import subspace_diagnostics as subspace_diagnostics
+from subtrack_optax._partition_specs import partition_specs as partition_specs
+from subtrack_optax._plans import SubTrackDimensionNumbers as SubTrackDimensionNumbers
+from subtrack_optax._state import SubTrackState as SubTrackState
+from subtrack_optax._tracking import grassmann_step as grassmann_step
+from subtrack_optax._transform import subtrack as subtrack
+from subtrack_optax._transform import subtrack_adamw as subtrack_adamw
 
 __version__ = "0.1.0"
 

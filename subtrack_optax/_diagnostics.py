@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subtrack_optax import _dimension_numbers as dn
+from subtrack_optax import _frame
 from subtrack_optax import _linalg
-from subtrack_optax._transform import SubTrackState
+from subtrack_optax import _plans
+from subtrack_optax._state import SubTrackState
 
 __all__ = ["SubspaceDiagnostics", "subspace_diagnostics", "find_subtrack_state"]
 
@@ -55,10 +56,6 @@ def find_subtrack_state(opt_state: Any) -> SubTrackState:
         f"optimizer state, found {len(found)}; pass the state of the chain "
         "that contains one subtrack transform (or that SubTrackState itself)")
   return found[0]
-
-
-def _is_plan(x) -> bool:
-  return isinstance(x, dn.LeafPlan)
 
 
 def _unwrap_variables(tree):
@@ -107,14 +104,50 @@ def _largest_principal_angle(s0, s1):
   return jnp.where(same, 0.0, angle)
 
 
+class _Unset:
+  def __repr__(self):
+    return "<from the state>"
+
+
+_UNSET = _Unset()
+
+
+def _resolve(grads, st_state, dimension_numbers, basis_side, rank):
+  """The leaf plans: carried by the state, or from the given options."""
+  given = not (dimension_numbers is _UNSET and basis_side is _UNSET
+               and rank is _UNSET)
+  stored = st_state.plans
+  if stored is not None and not given:
+    try:
+      return stored.on(grads)
+    except ValueError as e:
+      raise ValueError(f"subspace_diagnostics: {e}") from e
+  dimension_numbers = None if dimension_numbers is _UNSET else dimension_numbers
+  basis_side = "small" if basis_side is _UNSET else basis_side
+  if rank is _UNSET or rank is None:
+    rank = stored.rank if stored is not None else _infer_rank(st_state.basis)
+  return _plans.resolve_plans(grads, dimension_numbers, rank, basis_side)
+
+
+def _check_against_stored(plans, st_state):
+  """Options given for a state with plans must agree with its plans."""
+  stored = st_state.plans
+  if (stored is not None
+      and _plans.Plans.of(plans).geometry() != stored.geometry()):
+    raise ValueError(
+        "subspace_diagnostics: the dimension_numbers, basis_side and rank "
+        "given do not match those the state was built with; omit them (the "
+        "state carries its leaf plans)")
+
+
 def subspace_diagnostics(
     grads: optax.Updates,
     state: Any,
     prev_state: Optional[Any] = None,
     *,
-    dimension_numbers: Any = None,
-    basis_side: str = "small",
-    rank: Optional[int] = None,
+    dimension_numbers: Any = _UNSET,
+    basis_side: Any = _UNSET,
+    rank: Any = _UNSET,
 ) -> dict[str, SubspaceDiagnostics]:
   r"""Per projected leaf: captured gradient energy and last rotation angle.
 
@@ -135,11 +168,14 @@ def subspace_diagnostics(
   the state that update received. Either may be any optax state tree that
   contains exactly one :class:`SubTrackState` (it is found by searching the
   tree), including ``nnx.Optimizer(...).opt_state``, whose leaves are Flax
-  NNX variables (they are unwrapped; so are ``nnx.grad``'s). The leaf plans are rebuilt from ``grads`` with the transform's
-  ``dimension_numbers`` and ``basis_side``, which are not stored in the state:
-  pass the same values you gave ``subtrack`` (defaults: the transform's
-  defaults). ``rank`` is read from the stored bases when omitted. A mismatch
-  between the plans and the stored bases raises ``ValueError``.
+  NNX variables (they are unwrapped; so are ``nnx.grad``'s). The state
+  carries its leaf plans (which axes form each matrix, the basis side, the
+  rank), so no option of the transform needs repeating.
+  ``dimension_numbers``, ``basis_side`` and ``rank`` are only needed for a
+  state that carries no plans (unpickled from a checkpoint written by
+  subtrack-optax 0.1.0 before the state carried them); given for a state
+  that has plans, they must agree with them. A mismatch between the plans
+  and the stored bases raises ``ValueError``.
 
   Args:
     grads: the gradients (same structure and shapes as the parameters; any
@@ -147,9 +183,11 @@ def subspace_diagnostics(
       change the energy fraction).
     state: the optimizer state after the update.
     prev_state: the optimizer state before the update, or ``None``.
-    dimension_numbers: the ``dimension_numbers`` given to ``subtrack``.
-    basis_side: the ``basis_side`` given to ``subtrack``.
-    rank: the ``rank`` given to ``subtrack`` (inferred when ``None``).
+    dimension_numbers: only for a state without plans: the
+      ``dimension_numbers`` given to ``subtrack`` (default ``None``).
+    basis_side: only for a state without plans (default ``"small"``).
+    rank: only for a state without plans (read from the stored bases when
+      omitted).
 
   Returns:
     A dict from each projected leaf's path (``jax.tree_util.keystr``) to a
@@ -172,9 +210,7 @@ def subspace_diagnostics(
   st_state = _unwrap_variables(find_subtrack_state(state))
   prev = (None if prev_state is None
           else _unwrap_variables(find_subtrack_state(prev_state)))
-  if rank is None:
-    rank = _infer_rank(st_state.basis)
-  plans = dn.resolve_plans(grads, dimension_numbers, rank, basis_side)
+  plans = _resolve(grads, st_state, dimension_numbers, basis_side, rank)
   prev_basis = prev.basis if prev is not None else plans
 
   def per_leaf(plan, g, s, s_prev):
@@ -183,12 +219,12 @@ def subspace_diagnostics(
       if not masked:
         raise ValueError(_mismatch(plan, "dense", jnp.shape(s)))
       return None
-    want = plan.batch_shape + (plan.d, rank)
+    want = plan.batch_shape + (plan.d, plan.rank)
     if masked or tuple(jnp.shape(s)) != want:
       raise ValueError(_mismatch(plan, want, "masked" if masked
                                  else jnp.shape(s)))
     s = s.astype(jnp.float32)
-    energy = _energy(dn.to_canonical(g, plan), s)
+    energy = _energy(_frame.Frame(plan).canonical(g), s)
     angle = None
     if prev is not None:
       angle = _largest_principal_angle(s_prev.astype(jnp.float32), s)
@@ -196,7 +232,8 @@ def subspace_diagnostics(
     return plan.path, SubspaceDiagnostics(energy, angle)
 
   out = jax.tree.map(per_leaf, plans, grads, st_state.basis, prev_basis,
-                     is_leaf=_is_plan)
+                     is_leaf=_plans.is_plan)
+  _check_against_stored(plans, st_state)
   leaves = jax.tree.leaves(
       out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
       and isinstance(x[1], SubspaceDiagnostics))
@@ -206,4 +243,5 @@ def subspace_diagnostics(
 def _mismatch(plan, want, got) -> str:
   return (f"subspace_diagnostics: leaf {plan.path} resolves to {want} but the "
           f"state holds a basis of {got}; pass the dimension_numbers, "
-          "basis_side and rank that the subtrack transform was built with")
+          "basis_side and rank that the subtrack transform was built with "
+          "(or none, for a state that carries its plans)")

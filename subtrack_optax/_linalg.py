@@ -41,6 +41,7 @@ __all__ = [
     "top_left_singular_vectors",
     "top_left_singular_vectors_multi",
     "safe_frobenius_norm",
+    "flatten_batch",
     "subspace_iterations",
 ]
 
@@ -54,7 +55,7 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   operands gets the output sharding of its free axes (a reduction across
   devices of an output-sized piece).
   """
-  return _sharding.matmul(a, b, precision=HIGHEST)
+  return _sharding.sharded_matmul(a, b, precision=HIGHEST)
 
 
 def _mT(a: jax.Array) -> jax.Array:
@@ -347,7 +348,7 @@ def subspace_iterations(rank: int, k: int) -> int:
   return int(min(24, max(4, math.ceil(math.log(1e8) / per_iter))))
 
 
-def _flat(x: jax.Array) -> jax.Array:
+def flatten_batch(x: jax.Array) -> jax.Array:
   """``(batch..., a, b)`` -> ``(prod(batch), a, b)`` (a free reshape)."""
   return x.reshape((-1,) + x.shape[-2:])
 
@@ -376,7 +377,7 @@ def top_left_singular_vectors_multi(xs: Sequence[jax.Array],
   A matrix with a non-finite entry gets the first ``rank`` unit vectors.
   """
   shapes = [x.shape for x in xs]
-  xs = [_flat(x).astype(jnp.float32) for x in xs]
+  xs = [flatten_batch(x).astype(jnp.float32) for x in xs]
   sizes = [x.shape[0] for x in xs]
   d, big_d = xs[0].shape[-2:]
   k = min(d, 2 * rank)

@@ -1,7 +1,7 @@
 """Sharding of the SubTrack++ state on device meshes.
 
 A projected matrix leaf is viewed in its canonical frame ``X`` of shape
-``(batch..., d, D)`` (see :mod:`subtrack_optax._dimension_numbers`). If the
+``(batch..., d, D)`` (see :mod:`subtrack_optax._frame`). If the
 parameter shards its basis side (``d``) over mesh axes ``A`` and its other
 side (``D``) over mesh axes ``B``, the state is laid out as
 
@@ -26,24 +26,38 @@ This module also holds the small helpers that make the update well typed
 under explicit sharding (``jax.sharding.AxisType.Explicit``): they return
 ``None`` (and change nothing) for arrays that are not explicitly sharded,
 so the single-device and ``Auto``-mode programs are unchanged.
+
+It is the bottom layer of the package: it imports jax only, and knows
+nothing of the transform (a "plan" here is any object with the attributes
+of :class:`subtrack_optax._plans.LeafPlan`).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["partition_specs"]
+__all__ = [
+    "LeafShardings",
+    "dense_spec",
+    "projected_specs",
+    "explicit_sharding",
+    "init_shardings",
+    "sharded_matmul",
+    "reduced_sharding",
+    "merge_sharding",
+    "split_sharding",
+    "like",
+    "to_compute_layout",
+    "sharding_key",
+]
 
 Axes = tuple  # tuple[str, ...]: the mesh axes of one array dimension
-_MASKED = optax.MaskedNode
 
 
 # ---------------------------------------------------------------- specs --
@@ -143,27 +157,28 @@ def explicit_sharding(x) -> Optional[NamedSharding]:
   return s
 
 
-def init_shardings(plan, param):
+class LeafShardings(NamedTuple):
+  """Shardings of one leaf's state under explicit sharding (or ``None``s)."""
+
+  moments: Optional[NamedSharding]
+  basis: Optional[NamedSharding] = None
+  recovery_norm: Optional[NamedSharding] = None
+
+
+def init_shardings(plan, param) -> LeafShardings:
   """Shardings of ``param``'s state leaves under explicit sharding.
 
-  Returns ``None`` when ``param`` is not explicitly sharded, else
-  ``(moments, basis, recovery_norm)`` shardings for a projected leaf and
-  ``(moments, None, None)`` for a dense one.
+  All ``None`` when ``param`` is not explicitly sharded; for a dense leaf
+  only ``moments`` is set.
   """
   s = explicit_sharding(param)
   if s is None:
-    return None
+    return LeafShardings(None)
   sizes = dict(s.mesh.shape)
   if not plan.projected:
-    return s.update(spec=dense_spec(plan.shape, s.spec, sizes)), None, None
-  return tuple(s.update(spec=sp)
-               for sp in projected_specs(plan, s.spec, sizes))
-
-
-def init_sharding(plan, param, which: int):
-  """Entry ``which`` of :func:`init_shardings` (``None`` if not explicit)."""
-  out = init_shardings(plan, param)
-  return None if out is None else out[which]
+    return LeafShardings(s.update(spec=dense_spec(plan.shape, s.spec, sizes)))
+  return LeafShardings(*(s.update(spec=sp)
+                         for sp in projected_specs(plan, s.spec, sizes)))
 
 
 def matmul_out_sharding(a, b) -> Optional[NamedSharding]:
@@ -192,8 +207,11 @@ def matmul_out_sharding(a, b) -> Optional[NamedSharding]:
   return sa.update(spec=_spec(*batch, row, col))
 
 
-def matmul(a, b, precision=None):
+def sharded_matmul(a, b, precision=None):
   """``jnp.matmul(a, b)``, with :func:`matmul_out_sharding` when needed.
+
+  Default precision unless given (``_linalg.matmul`` is the full-float32
+  product built on this one).
 
   The annotated product is written as an ``einsum`` (the same dot_general):
   in jax 0.10.2 ``jnp.matmul`` applies ``out_sharding`` to the wrong axes
@@ -293,186 +311,7 @@ def to_compute_layout(x, s, mu, nu):
           re(nu, sx.update(spec=_spec(*e[:-2], (), e[-1]))))
 
 
-# ------------------------------------------------------ partition_specs --
-
-_local = threading.local()
-
-
-def record_init(state, plans) -> None:
-  """Called by ``subtrack``'s init: lets :func:`partition_specs` recover the
-  leaf plans (dimension numbers, rank, basis side) of each SubTrackState."""
-  records = getattr(_local, "records", None)
-  if records is not None:
-    records.append((state, plans))
-
-
-def _mesh_sizes(mesh, params) -> Optional[dict]:
-  if mesh is not None:
-    return dict(mesh.shape)
-  current = jax.sharding.get_abstract_mesh()
-  if not current.empty:
-    return dict(current.shape)
-  for leaf in jax.tree.leaves(params):
-    s = getattr(leaf, "sharding", None)
-    if isinstance(s, NamedSharding):
-      return dict(s.mesh.shape)
-  return None
-
-
-def _is_spec(x) -> bool:
-  return x is None or isinstance(x, P)
-
-
-def partition_specs(tx, params, param_specs, *, mesh=None):
-  r"""Partition specs of ``tx.init(params)`` for parameters sharded as given.
-
-  Works for any optax transformation or chain containing
-  :func:`subtrack` (also inside ``optax.masked``, ``optax.partition``,
-  ``optax.inject_hyperparams`` ...). SubTrack's low-rank leaves get specs
-  that follow their parameter (see the table below); state subtrees shaped
-  like the parameters (e.g. another transform's moments) get the
-  parameters' specs; every other leaf (step counts, scalars) gets ``P()``.
-
-  For a projected leaf whose parameter shards the basis side ``d`` over
-  mesh axes ``A`` and the other side ``D`` over ``B`` (batch axes keep
-  their own specs):
-
-  .. math::
-
-     \text{basis } (\ldots, d, r): (\ldots, A, B), \qquad
-     \mu, \nu\ (\ldots, r, D): (\ldots, A, B), \qquad
-     \text{recovery\_norm } (\ldots): (\ldots)
-
-  A dimension that a mesh axis does not divide is replicated along that
-  axis (and the axes after it), e.g. the ``r`` axis when ``rank`` is not a
-  multiple of the mesh size.
-
-  The dimension numbers, rank and basis side of each ``subtrack`` are
-  recovered by tracing ``tx.init`` abstractly (:func:`jax.eval_shape`;
-  nothing is computed or allocated): ``subtrack``'s init reports its leaf
-  plans for the state it returns.
-
-  Args:
-    tx: an optax ``GradientTransformation`` (or an init function).
-    params: the parameters (arrays or :class:`jax.ShapeDtypeStruct`).
-    param_specs: a pytree of ``PartitionSpec`` (``None`` = replicated) with
-      the structure of ``params``, or a prefix of it.
-    mesh: optional ``Mesh``/``AbstractMesh`` whose axis sizes are used for
-      the divisibility fallback; by default the current mesh
-      (``jax.set_mesh``), else the mesh of ``params``' shardings, else no
-      divisibility check.
-
-  Returns:
-    A pytree of ``PartitionSpec`` with exactly the structure of
-    ``tx.init(params)`` (``optax.MaskedNode`` entries kept).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> import subtrack_optax as st
-    >>> params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros((128,))}
-    >>> specs = {"w": P("data", "model"), "b": P("model")}
-    >>> tx = optax.chain(st.subtrack(rank=4), optax.scale(-1e-3))
-    >>> state_specs = st.partition_specs(tx, params, specs)
-    >>> state_specs[0].basis["w"], state_specs[0].mu["w"]
-    (P('data', 'model'), P('data', 'model'))
-  """
-  # Imported here: those modules import this one.
-  from subtrack_optax import _dimension_numbers as dn  # pylint: disable=g-import-not-at-top
-  from subtrack_optax._transform import SubTrackState  # pylint: disable=g-import-not-at-top
-
-  init = tx.init if hasattr(tx, "init") else tx
-  sizes = _mesh_sizes(mesh, params)
-  try:
-    specs = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError("partition_specs: param_specs must be a pytree of "
-                     "PartitionSpec (or None) with the structure of params "
-                     f"(or a prefix of it): {e}") from e
-  specs = jax.tree.map(lambda s: P() if s is None else s, specs,
-                       is_leaf=_is_spec)
-  is_node = lambda x: isinstance(x, SubTrackState)
-  plans_at = {}
-
-  def traced(params):
-    records = []
-    previous = getattr(_local, "records", None)
-    _local.records = records
-    try:
-      state = init(params)
-    finally:
-      _local.records = previous
-    nodes = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)[0]
-    for path, node in nodes:
-      if not is_node(node):
-        continue
-      match = [pl for st, pl in records if st.count is node.count]
-      if not match and len(records) == 1:
-        match = [records[0][1]]
-      if not match:
-        raise ValueError(
-            "partition_specs: could not tell which subtrack made the state "
-            f"at {jax.tree_util.keystr(path)}")
-      plans_at[path] = match[0]
-    return state
-
-  shapes = jax.eval_shape(traced, params)
-
-  def subtrack_specs(plans):
-    def per_leaf(plan, spec):
-      if isinstance(plan, _MASKED):
-        return (plan,) * 3
-      if not plan.projected:
-        return dense_spec(plan.shape, spec, sizes), _MASKED(), _MASKED()
-      return projected_specs(plan, spec, sizes)
-
-    try:
-      out = jax.tree.map(per_leaf, plans, specs,
-                         is_leaf=lambda x: isinstance(x, (dn.LeafPlan, _MASKED)))
-    except ValueError as e:
-      raise ValueError(
-          "partition_specs: a subtrack state does not have the structure of "
-          f"param_specs: {e}") from e
-    pick = lambda i: jax.tree.map(
-        lambda pl, o: o[i], plans, out,
-        is_leaf=lambda x: isinstance(x, (dn.LeafPlan, _MASKED)))
-    return SubTrackState(count=P(), mu=pick(0), nu=pick(0), basis=pick(1),
-                         recovery_norm=pick(2))
-
-  param_leaves = jax.tree.structure(params)
-
-  def match_params(node):
-    """The params' specs if ``node`` is a params-shaped subtree, else None."""
-    is_masked = lambda x: isinstance(x, _MASKED)
-    flat, treedef = jax.tree.flatten(node, is_leaf=is_masked)
-    if len(flat) != param_leaves.num_leaves or not flat:
-      return None
-    try:
-      return jax.tree.map(
-          lambda n, p, sp: n if is_masked(n) else _checked(n, p, sp),
-          node, params, specs, is_leaf=is_masked)
-    except (ValueError, TypeError):
-      return None
-
-  def _checked(n, p, sp):
-    if not hasattr(p, "shape") or tuple(n.shape) != tuple(p.shape):
-      raise ValueError("not params-shaped")
-    return dense_spec(n.shape, sp, sizes)
-
-  def walk(path, node):
-    if is_node(node):
-      return subtrack_specs(plans_at[path])
-    if not any(map(is_node, jax.tree.leaves(node, is_leaf=is_node))):
-      matched = match_params(node)
-      if matched is not None:
-        return matched
-    if not jax.tree.leaves(node):  # None, EmptyState, (), MaskedNode ...
-      return node
-    if jax.tree_util.all_leaves([node]):
-      return P()
-    kids, treedef = jax.tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda x: x is not node)
-    return jax.tree.unflatten(
-        treedef, [walk(path + k, child) for k, child in kids])
-
-  return walk((), shapes)
+def sharding_key(x) -> Optional[str]:
+  """The explicit sharding spec of ``x`` as a string (``None`` if none)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  return None if sharding is None else str(getattr(sharding, "spec", None))

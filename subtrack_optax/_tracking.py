@@ -7,7 +7,7 @@ projection error ``F(S) = ||X - S S^T X||_F^2`` of the current gradient.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,24 @@ import numpy as np
 
 from subtrack_optax import _linalg
 
-__all__ = ["grassmann_step", "grassmann_step_multi"]
+__all__ = ["TrackSteps", "grassmann_step", "grassmann_step_multi"]
+
+
+class TrackSteps(NamedTuple):
+  """What :func:`grassmann_step_multi` returns: one list entry per matrix.
+
+  Attributes:
+    bases: the new bases ``S'`` (float32, the input shapes).
+    thetas: the rotation angles (0 where the basis was kept), batch shape.
+    axes: the rotation axes ``v`` (``(..., r)``): ``S'^T S = I + (cos(theta)
+      - 1) v v^T`` in exact arithmetic.
+    projections: ``S'^T X`` if ``projections`` were given, else ``None``s.
+  """
+
+  bases: list
+  thetas: list
+  axes: list
+  projections: list
 
 
 def grassmann_step(s: jax.Array, x: jax.Array, step_size,
@@ -64,14 +81,15 @@ def grassmann_step(s: jax.Array, x: jax.Array, step_size,
     Rajabi, Nonta & Rambhatla, SubTrack++ (NeurIPS 2025, arXiv 2502.01586),
     Alg. 1; Edelman, Arias & Smith, SIAM J. Matrix Anal. Appl. 20(2), 1998.
   """
-  s_new, theta = grassmann_step_multi([s], [x], step_size, normalize)
-  return s_new[0], theta[0]
+  steps = grassmann_step_multi([s], [x], step_size, normalize)
+  return steps.bases[0], steps.thetas[0]
 
 
 def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
                          step_size, normalize: bool = True,
-                         with_axis: bool = False, projections=None,
-                         transposed: Optional[Sequence[bool]] = None):
+                         projections: Optional[Sequence[jax.Array]] = None,
+                         transposed: Optional[Sequence[bool]] = None
+                         ) -> TrackSteps:
   """:func:`grassmann_step` for several matrices of one shape ``(d, D)``.
 
   Everything is computed leaf by leaf except the top eigenvector of the
@@ -91,8 +109,8 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
   products are then taken with it as it lies, and no transposed copy is
   made.
 
-  With ``with_axis=True`` it also returns, per matrix, the rotation's axis
-  ``v`` (``(..., r)``): in exact arithmetic the change of basis is then
+  It also returns, per matrix, the rotation's axis ``v`` (``(..., r)``): in
+  exact arithmetic the change of basis is then
   ``S'^T S = I + (cos(theta) - 1) v v^T``, which the moment transport uses.
 
   ``projections``, if given, are the ``P = S^T X`` (``(..., r, D)``, float32)
@@ -105,16 +123,14 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
   the rounding level.)
 
   Returns:
-    lists ``(S', theta)``, then ``v`` with ``with_axis``, then ``S'^T X``
-    with ``projections``.
+    :class:`TrackSteps` (lists ``S'``, ``theta``, ``v`` and ``S'^T X``).
   """
   mm = _linalg.matmul
   mt = lambda a: jnp.swapaxes(a, -1, -2)
   hp = _linalg.HIGHEST
-  flat = _linalg._flat  # (batch..., a, b) -> (prod(batch), a, b)
+  flat = _linalg.flatten_batch  # (batch..., a, b) -> (prod(batch), a, b)
   transposed = transposed or [False] * len(xs)
-  with_projections = projections is not None
-  if not with_projections:
+  if projections is None:
     projections = [None] * len(xs)
   leaves = []
   for s, x, p, t in zip(ss, xs, projections, transposed):
@@ -145,20 +161,19 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
          - u * jnp.sin(theta)[..., None])                     # (d,)
     steps.append((s + w[..., :, None] * v[..., None, :], ok, theta, w))
   s_news = _linalg.reorthonormalize_if_needed([step[0] for step in steps])
-  out = ([], [], [], [])
+  out = TrackSteps([], [], [], [])
   for (s, x, *_), (_, ok, theta, w), s_new, v, shape, p, t in zip(
       leaves, steps, s_news, axes, [si.shape for si in ss], projections,
       transposed):
     ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
-    out[0].append(jnp.where(ok[:, None, None], s_new, s).reshape(shape))
-    out[1].append(jnp.where(ok, theta, 0.0).reshape(shape[:-2]))
-    out[2].append(v.reshape(shape[:-2] + shape[-1:]))
+    out.bases.append(jnp.where(ok[:, None, None], s_new, s).reshape(shape))
+    out.thetas.append(jnp.where(ok, theta, 0.0).reshape(shape[:-2]))
+    out.axes.append(v.reshape(shape[:-2] + shape[-1:]))
     if p is not None:
       wx = (mm(x, w[..., :, None])[..., 0] if t               # w^T X: (D,)
             else mm(w[..., None, :], x)[..., 0, :])
       pf = flat(p)
-      out[3].append(jnp.where(ok[:, None, None],
-                              pf + v[..., :, None] * wx[..., None, :],
-                              pf).reshape(p.shape))
-  return (out[0], out[1]) + ((out[2],) if with_axis else ()) + (
-      (out[3],) if with_projections else ())
+      p = jnp.where(ok[:, None, None], pf + v[..., :, None] * wx[..., None, :],
+                    pf).reshape(p.shape)
+    out.projections.append(p)
+  return out

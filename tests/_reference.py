@@ -58,12 +58,21 @@ class RefMatrix:
         self.s = align(top_left(x, self.r))
       elif mode == "random":
         self.s = library_basis
-      if c["transport_moments"] and mode != "frozen":
+      form = c["transport_moments"]
+      if form and mode != "frozen":
         cc = self.s.T @ s_old
         m_old = self.m
         self.m = cc @ m_old
-        self.v = np.maximum((cc * cc) @ (self.v - m_old * m_old)
-                            + (cc @ m_old) ** 2, 0.0)
+        if form == "debiased":   # LDAdam's form on bias-corrected moments
+          rho = (1 - c["b2"] ** t) / (1 - c["b1"] ** t) ** 2
+          self.v = np.maximum((cc * cc) @ (self.v - rho * m_old * m_old)
+                              + rho * (cc @ m_old) ** 2, 0.0)
+        elif form == "reference":  # the reference code's (1-b2)|...|
+          self.v = (1 - c["b2"]) * np.abs((cc * cc) @ (self.v - m_old * m_old)
+                                          + (cc @ m_old) ** 2)
+        else:                    # True or "ldadam"
+          self.v = np.maximum((cc * cc) @ (self.v - m_old * m_old)
+                              + (cc @ m_old) ** 2, 0.0)
     b1, b2, eps = c["b1"], c["b2"], c["eps"]
     p = self.s.T @ x
     self.m = b1 * self.m + (1 - b1) * p
@@ -74,7 +83,9 @@ class RefMatrix:
     u = c["scale"] * self.s @ n
     if c["recovery_scaling"]:
       phi = np.linalg.norm(n, axis=0) / (np.linalg.norm(p, axis=0) + 1e-8)
-      lam = (x - self.s @ p) * phi[None, :]
+      # "reference": the reference code's residual X - scale S S^T X.
+      c_res = c["scale"] if c["recovery_scaling"] == "reference" else 1.0
+      lam = (x - c_res * self.s @ p) * phi[None, :]
       norm = np.linalg.norm(lam)
       zeta = c["norm_growth_limit"]
       if t > 0 and norm > zeta * self.prev:

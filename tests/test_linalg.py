@@ -8,7 +8,7 @@ import pytest
 
 import subtrack_optax as st
 from subtrack_optax import _linalg
-from subtrack_optax import _transform
+from subtrack_optax import _equations
 
 jit_orth = jax.jit(_linalg.householder_orthonormalize)
 jit_eig = jax.jit(_linalg.sym_eig)
@@ -160,7 +160,7 @@ def test_transport_with_identity_leaves_moments_unchanged():
   s = jnp.asarray(s, jnp.float32)
   m = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
   v = jnp.asarray(rng.uniform(0.5, 1.5, size=(4, 10)), jnp.float32) + m * m
-  m2, v2 = jax.jit(_transform._transport)(s, s, m, v)
+  m2, v2 = jax.jit(_equations.transport_moments)(s, s, m, v)
   np.testing.assert_allclose(m2, m, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v2, v, rtol=1e-5, atol=1e-6)
 
@@ -171,8 +171,8 @@ def test_transport_permutation_permutes_moments():
   perm = np.array([2, 0, 3, 1])
   m = rng.normal(size=(4, 10)).astype(np.float32)
   v = (rng.uniform(size=(4, 10)) + m * m).astype(np.float32)
-  m2, v2 = _transform._transport(jnp.asarray(s[:, perm], jnp.float32),
-                                 jnp.asarray(s, jnp.float32), m, v)
+  m2, v2 = _equations.transport_moments(jnp.asarray(s[:, perm], jnp.float32),
+                                        jnp.asarray(s, jnp.float32), m, v)
   np.testing.assert_allclose(m2, m[perm], atol=1e-5)
   np.testing.assert_allclose(v2, v[perm], atol=1e-5)
 
@@ -245,12 +245,12 @@ def _tracking_case(seed=12, batch=(2,), d=24, big_d=40, r=5):
 @jax.jit
 def _multi_all_ways(s, x):
   """The tracking step plain, from given projections, and on X^T."""
-  plain = _tracking.grassmann_step_multi([s], [x], 0.7, with_axis=True)
+  plain = _tracking.grassmann_step_multi([s], [x], 0.7)
   p = jnp.swapaxes(s, -1, -2) @ x
-  fast = _tracking.grassmann_step_multi([s], [x], 0.7, with_axis=True,
+  fast = _tracking.grassmann_step_multi([s], [x], 0.7,
                                         projections=[p])
   xt = jnp.swapaxes(x, -1, -2)
-  trans = _tracking.grassmann_step_multi([s], [xt], 0.7, with_axis=True,
+  trans = _tracking.grassmann_step_multi([s], [xt], 0.7,
                                          projections=[p], transposed=[True])
   return plain, fast, trans
 
@@ -271,18 +271,19 @@ def test_tracking_from_projections_and_transposed_input_agree():
 
 def test_rank1_transport_matches_change_of_basis():
   s, x = _tracking_case(seed=13)
-  s_new, theta, axis = _tracking.grassmann_step_multi([s], [x], 1.2,
-                                                      with_axis=True)
+  s_new, theta, axis, _ = _tracking.grassmann_step_multi([s], [x], 1.2)
   rng = np.random.default_rng(14)
   m = jnp.asarray(rng.normal(size=(2, 5, 40)), jnp.float32)
   v = m * m + jnp.asarray(rng.uniform(0.1, 1.0, size=(2, 5, 40)), jnp.float32)
-  general = jax.jit(_transform._transport)(s_new[0], s, m, v)
-  rank1 = jax.jit(lambda *a: _transform._transport(*a[:4], rotation=a[4:]))(
+  general = jax.jit(_equations.transport_moments)(s_new[0], s, m, v)
+  rank1 = jax.jit(
+      lambda *a: _equations.transport_moments(*a[:4], rotation=a[4:]))(
       s_new[0], s, m, v, axis[0], theta[0])
   np.testing.assert_allclose(rank1[0], general[0], atol=2e-5)
   np.testing.assert_allclose(rank1[1], general[1], rtol=1e-4, atol=2e-5)
   # theta = 0 (a kept basis) leaves the moments exactly as they were.
-  same = _transform._transport(s, s, m, v, rotation=(axis[0], 0.0 * theta[0]))
+  same = _equations.transport_moments(s, s, m, v,
+                                      rotation=(axis[0], 0.0 * theta[0]))
   np.testing.assert_array_equal(same[0], m)
   np.testing.assert_array_equal(same[1], v)
 

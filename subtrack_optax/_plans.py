@@ -1,9 +1,11 @@
-"""Which axes of a leaf form the projected matrix, and the canonical frame.
+"""Leaf plans: which axes of each leaf form the projected matrix.
 
 A matrix leaf is viewed as ``(batch..., m, n)``: ``m`` is the product of the
 reduction axes, ``n`` of the output axes, every other axis is a batch axis
 whose slices are independent matrices. The basis spans one side (``d``
-rows); the canonical frame ``X`` is ``(batch..., d, D)``.
+rows); the canonical frame ``X`` is ``(batch..., d, D)`` (formed by
+:class:`subtrack_optax._frame.Frame`). A :class:`LeafPlan` is static (not a
+pytree) and :class:`Plans` carries a whole tree of them in the state.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subtrack_optax import _sharding
-
 __all__ = [
     "SubTrackDimensionNumbers",
     "LeafPlan",
+    "Plans",
+    "is_plan",
     "resolve_plans",
-    "to_canonical",
-    "from_canonical",
 ]
 
 AxisSpec = Union[int, Sequence[int]]
@@ -188,28 +188,52 @@ def resolve_plans(tree, dimension_numbers, rank: int, basis_side: str):
     ) from e
 
 
-def to_canonical(g: jax.Array, plan: LeafPlan) -> jax.Array:
-  """Leaf ``g`` -> ``X`` of shape ``(batch..., d, D)`` in float32."""
-  perm = plan.batch_axes + plan.reduction_axes + plan.output_axes
-  x = jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
-  # Explicit sharding: merged axes take their parts' mesh axes in order.
-  groups = (1,) * len(plan.batch_axes) + (len(plan.reduction_axes),
-                                          len(plan.output_axes))
-  x = x.reshape(plan.batch_shape + (plan.m, plan.n),
-                out_sharding=_sharding.merge_sharding(x, groups))
-  x = x.astype(jnp.float32)
-  return x if plan.basis_on_reduction else jnp.swapaxes(x, -1, -2)
+def is_plan(x) -> bool:
+  """``is_leaf`` for trees of :class:`LeafPlan`."""
+  return isinstance(x, LeafPlan)
 
 
-def from_canonical(x: jax.Array, plan: LeafPlan, dtype) -> jax.Array:
-  """Inverse of :func:`to_canonical`, cast to ``dtype``."""
-  x = x if plan.basis_on_reduction else jnp.swapaxes(x, -1, -2)
-  perm = plan.batch_axes + plan.reduction_axes + plan.output_axes
-  shape = tuple(plan.shape[a] for a in perm)
-  groups = (1,) * len(plan.batch_axes) + (len(plan.reduction_axes),
-                                          len(plan.output_axes))
-  x = x.reshape(shape, out_sharding=_sharding.split_sharding(x, shape, groups))
-  x = x.astype(dtype)
-  if perm == tuple(range(len(perm))):
-    return x
-  return jnp.transpose(x, np.argsort(perm))
+@dataclasses.dataclass(frozen=True)
+class Plans:
+  """A tree of :class:`LeafPlan`, hashable: static data of a state.
+
+  Attributes:
+    treedef: the parameters' tree structure.
+    leaves: one :class:`LeafPlan` per parameter leaf, in flattening order.
+  """
+
+  treedef: Any
+  leaves: tuple
+
+  @classmethod
+  def of(cls, plans) -> "Plans":
+    leaves, treedef = jax.tree.flatten(plans, is_leaf=is_plan)
+    return cls(treedef, tuple(leaves))
+
+  def tree(self):
+    """The plans as a pytree with the parameters' structure."""
+    return jax.tree.unflatten(self.treedef, self.leaves)
+
+  def geometry(self) -> tuple:
+    """The leaf plans without their paths (what fixes the state's shapes)."""
+    return tuple(dataclasses.replace(pl, path="") for pl in self.leaves)
+
+  def on(self, tree):
+    """The plans laid on ``tree`` (same leaves in flattening order), with
+    ``tree``'s key paths; ``ValueError`` if the leaf counts differ."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if len(flat) != len(self.leaves):
+      raise ValueError(f"the state was built for {len(self.leaves)} leaves, "
+                       f"got a tree of {len(flat)}")
+    return treedef.unflatten([
+        dataclasses.replace(pl, path=jax.tree_util.keystr(path))
+        for (path, _), pl in zip(flat, self.leaves)])
+
+  @property
+  def rank(self) -> int:
+    """The projection rank (0 when no leaf is projected)."""
+    return max((pl.rank for pl in self.leaves), default=0)
+
+  def __repr__(self) -> str:
+    n = sum(pl.projected for pl in self.leaves)
+    return f"Plans({len(self.leaves)} leaves, {n} projected)"

@@ -1,0 +1,146 @@
+"""The options of :func:`subtrack_optax.subtrack`: validation and a frozen config."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from optax._src import utils as optax_utils
+
+from subtrack_optax import _equations
+from subtrack_optax import _plans
+
+__all__ = ["Config", "SUBSPACE_UPDATES", "BASIS_SIDES", "STATIC_ARGS"]
+
+SUBSPACE_UPDATES = ("grassmann", "svd", "random", "frozen")
+BASIS_SIDES = ("small", "large")
+# Arguments that fix shapes or Python control flow; pass them as
+# ``static_args`` to ``optax.inject_hyperparams``.
+STATIC_ARGS = ("rank", "update_interval", "subspace_update",
+               "normalize_tracking", "transport_moments", "recovery_scaling",
+               "basis_side", "dimension_numbers", "basis_dtype", "mu_dtype",
+               "seed", "stagger")
+
+
+def _is_real_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check(name, value, ok, accepted):
+  """Validates a Python number; traced/array values are left alone."""
+  if _is_real_number(value) and not ok(value):
+    raise ValueError(f"subtrack: {name} must be {accepted}, got {value!r}")
+
+
+def _positive_int(name, value):
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value <= 0):
+    raise ValueError(f"subtrack: {name} must be a positive int, got {value!r}")
+
+
+def _choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"subtrack: {name} must be one of {choices}, got "
+                     f"{value!r}")
+
+
+def _form(name, value, forms) -> Optional[str]:
+  """``True`` -> the first (default) form, ``False`` -> None, or a name."""
+  if value is True or value is False:
+    return forms[0] if value else None
+  if isinstance(value, str) and value in forms:
+    return value
+  raise ValueError(f"subtrack: {name} must be True, False or one of {forms}, "
+                   f"got {value!r}")
+
+
+def _check_dimension_numbers(dimension_numbers):
+  if not (dimension_numbers is None or callable(dimension_numbers)
+          or isinstance(dimension_numbers, (_plans.SubTrackDimensionNumbers,
+                                            dict, list, tuple))
+          or jax.tree_util.all_leaves([dimension_numbers])):
+    raise ValueError("subtrack: dimension_numbers must be None, a "
+                     "SubTrackDimensionNumbers, a pytree of them (None = "
+                     f"dense) or a callable, got {dimension_numbers!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The validated options of one :func:`subtrack` (see its docstring).
+
+  ``transport`` and ``recovery`` are the named forms (``None`` = off) of
+  ``transport_moments`` and ``recovery_scaling``; ``gram_correction`` says
+  that the stored basis is narrower than float32, so ``S^T S != I`` to
+  rounding and the recovery norm keeps the ``r x r`` Gram.
+  """
+
+  rank: int
+  update_interval: int
+  subspace_update: str
+  step_size: Any
+  normalize_tracking: bool
+  scale: Any
+  b1: Any
+  b2: Any
+  eps: Any
+  transport: Optional[str]
+  recovery: Optional[str]
+  norm_growth_limit: Any
+  basis_side: str
+  dimension_numbers: Any
+  basis_dtype: Any
+  mu_dtype: Any
+  seed: int
+  stagger: bool
+
+  @property
+  def gram_correction(self) -> bool:
+    return self.basis_dtype.itemsize < 4
+
+  @property
+  def residual_scale(self):
+    """``c`` of the recovery residual ``X - c S P``."""
+    return self.scale if self.recovery == "reference" else 1.0
+
+  @classmethod
+  def create(cls, rank, update_interval, *, subspace_update, step_size,
+             normalize_tracking, scale, b1, b2, eps, transport_moments,
+             recovery_scaling, norm_growth_limit, basis_side,
+             dimension_numbers, basis_dtype, mu_dtype, seed,
+             stagger) -> "Config":
+    """Validates every option (errors name the argument) and builds it."""
+    _positive_int("rank", rank)
+    _positive_int("update_interval", update_interval)
+    _choice("subspace_update", subspace_update, SUBSPACE_UPDATES)
+    _choice("basis_side", basis_side, BASIS_SIDES)
+    _check("step_size", step_size, lambda v: v >= 0, ">= 0")
+    _check("scale", scale, lambda v: v > 0, "> 0")
+    _check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check("eps", eps, lambda v: v >= 0, ">= 0")
+    _check("norm_growth_limit", norm_growth_limit, lambda v: v >= 1, ">= 1")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+      raise ValueError(f"subtrack: seed must be an int, got {seed!r}")
+    _check_dimension_numbers(dimension_numbers)
+    return cls(
+        rank=int(rank), update_interval=update_interval,
+        subspace_update=subspace_update, step_size=step_size,
+        normalize_tracking=normalize_tracking, scale=scale, b1=b1, b2=b2,
+        eps=eps,
+        transport=_form("transport_moments", transport_moments,
+                        _equations.TRANSPORTS),
+        recovery=_form("recovery_scaling", recovery_scaling,
+                       _equations.RECOVERIES),
+        norm_growth_limit=norm_growth_limit, basis_side=basis_side,
+        dimension_numbers=dimension_numbers,
+        basis_dtype=jnp.dtype(basis_dtype),
+        mu_dtype=optax_utils.canonicalize_dtype(mu_dtype), seed=seed,
+        stagger=stagger)
+
+  def plans(self, tree):
+    """The tree of leaf plans of ``tree`` (params or updates)."""
+    return _plans.resolve_plans(tree, self.dimension_numbers, self.rank,
+                                self.basis_side)

@@ -1,0 +1,133 @@
+"""The frame of a projected leaf: every orientation decision in one place.
+
+A projected leaf ``g`` is seen three ways:
+
+- as it lies, ``(...)`` in the parameter's own shape;
+- as its *matrix*, ``(batch..., m, n)``: batch axes first, then the product
+  of the reduction axes (``m``) and of the output axes (``n``); a free
+  reshape for the default rule (no transposed copy);
+- in the *canonical frame* ``X``, ``(batch..., d, D)``: the basis side
+  ``d`` first. ``X`` is the matrix itself when the basis spans the
+  reduction side (``basis_on_reduction``), else its transpose.
+
+The update works on the matrix as it lies (products are oriented so that
+neither ``g`` nor the update is ever copied transposed); only the subspace
+update forms ``X``, inside its branch. :class:`Frame` owns the choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subtrack_optax import _plans
+from subtrack_optax import _sharding
+
+__all__ = ["Frame"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+  """Orientation of one projected leaf, built from its :class:`LeafPlan`.
+
+  Attributes:
+    plan: the leaf's plan (``plan.projected`` is True).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from subtrack_optax import _plans
+    >>> plan = _plans.resolve_plans({"w": jnp.zeros((8, 4))}, None, 2,
+    ...                             "small")["w"]
+    >>> Frame(plan).canonical(jnp.ones((8, 4))).shape   # d = 4 rows
+    (4, 8)
+  """
+
+  plan: _plans.LeafPlan
+
+  @property
+  def basis_on_rows(self) -> bool:
+    """True if ``X`` is the matrix itself (basis on the reduction side)."""
+    return self.plan.basis_on_reduction
+
+  @property
+  def _groups(self) -> tuple:
+    plan = self.plan
+    return (1,) * len(plan.batch_axes) + (len(plan.reduction_axes),
+                                          len(plan.output_axes))
+
+  @property
+  def _perm(self) -> tuple:
+    plan = self.plan
+    return plan.batch_axes + plan.reduction_axes + plan.output_axes
+
+  def canonical(self, g: jax.Array) -> jax.Array:
+    """Leaf ``g`` -> ``X`` of shape ``(batch..., d, D)`` in float32."""
+    plan, perm = self.plan, self._perm
+    x = jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
+    # Explicit sharding: merged axes take their parts' mesh axes in order.
+    x = x.reshape(plan.batch_shape + (plan.m, plan.n),
+                  out_sharding=_sharding.merge_sharding(x, self._groups))
+    x = x.astype(jnp.float32)
+    return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
+
+  def own(self, x: jax.Array) -> jax.Array:
+    """The canonical ``X`` back in the matrix's ``(batch..., m, n)`` order.
+
+    For a basis on the output side the two swaps (this one and the one in
+    :meth:`canonical`) cancel: no transposed copy is made.
+    """
+    return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
+
+  def matrix(self, g: jax.Array) -> jax.Array:
+    """Leaf ``g`` as its float32 matrix ``(batch..., m, n)``."""
+    return self.own(self.canonical(g))
+
+  def restore(self, u: jax.Array, dtype) -> jax.Array:
+    """Matrix ``u`` ``(batch..., m, n)`` -> the leaf's shape, cast to ``dtype``."""
+    plan, perm = self.plan, self._perm
+    shape = tuple(plan.shape[a] for a in perm)
+    u = u.reshape(shape, out_sharding=_sharding.split_sharding(
+        u, shape, self._groups))
+    u = u.astype(dtype)
+    if perm == tuple(range(len(perm))):
+      return u
+    return jnp.transpose(u, np.argsort(perm))
+
+  def project(self, g: jax.Array, s: jax.Array) -> jax.Array:
+    """``P = S^T X`` (``(batch..., r, D)``, float32) with matrix ``g`` as it lies.
+
+    ``X = g`` on rows, else ``X = g^T`` and ``P^T = g S`` is a plain
+    ``(D, d) x (d, r)`` product. The optimization barriers only pin the
+    orientation: untransposed (row-major) operands, which XLA:CPU runs
+    fastest, instead of XLA folding the small transposes back into the
+    product; neither ``g`` nor ``P`` is copied transposed.
+    """
+    s = s.astype(jnp.float32)
+    bar = jax.lax.optimization_barrier
+    if self.basis_on_rows:
+      return _sharding.sharded_matmul(bar(jnp.swapaxes(s, -1, -2)), g)
+    return jnp.swapaxes(bar(_sharding.sharded_matmul(g, s)), -1, -2)
+
+  def basis_times(self, s: jax.Array, w: jax.Array) -> jax.Array:
+    """``S W`` (``W``: ``(batch..., r, D)``) in the matrix's layout."""
+    if self.basis_on_rows:
+      return jnp.matmul(s, w)                                    # (d, D)
+    return jnp.matmul(jnp.swapaxes(w, -1, -2), jnp.swapaxes(s, -1, -2))
+
+  def col_sq_norms(self, g: jax.Array) -> jax.Array:
+    """``||X_j||^2`` for each column ``j`` of ``X`` (``(batch..., D)``)."""
+    return jnp.sum(g * g, axis=-2 if self.basis_on_rows else -1)
+
+  def scale_columns(self, g: jax.Array, phi: jax.Array) -> jax.Array:
+    """``X diag(phi)`` in the matrix's layout."""
+    return (phi[..., None, :] if self.basis_on_rows else phi[..., :, None]) * g
+
+
+def reproject(s: jax.Array, x: jax.Array, like: jax.Array) -> jax.Array:
+  """``S^T X`` for a basis ``S`` and canonical ``X``, laid out like ``like``."""
+  return _sharding.like(_sharding.sharded_matmul(
+      jnp.swapaxes(s.astype(jnp.float32), -1, -2), x), like)
+

@@ -106,7 +106,8 @@ def transport_rank1(axis: jax.Array, theta: jax.Array, m: jax.Array,
 
 
 def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
-                      nu: jax.Array, rotation=None, *, form: str = "ldadam",
+                      nu: jax.Array, rotation=None, *,
+                      change: Optional[jax.Array] = None, form: str = "ldadam",
                       count: Optional[jax.Array] = None, b1: float = 0.9,
                       b2: float = 0.999) -> tuple[jax.Array, jax.Array]:
   r"""Projection-aware moment transport into the new basis.
@@ -129,6 +130,8 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
     nu: second moments.
     rotation: ``(v, theta)`` when ``S_new`` is ``S_old`` turned by a rank-1
       geodesic step (then ``s_new``/``s_old`` are not used).
+    change: the change of basis ``C`` if already computed (then
+      ``s_new``/``s_old`` are not used).
     form: one of :data:`TRANSPORTS`.
     count: the step count ``t`` (``"debiased"`` only).
     b1: first-moment decay (``"debiased"``).
@@ -141,13 +144,15 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
   v32 = nu.astype(jnp.float32)
   if form == "debiased":
     t = count.astype(jnp.float32)
-    rho = (1 - b2 ** t) / (1 - b1 ** t) ** 2
+    # (t = 0, where the moments are zero, would give 0/0.)
+    rho = jnp.where(t > 0, (1 - b2 ** t) / (1 - b1 ** t) ** 2, 1.0)
     z = v32 - rho * m32 * m32
   else:
     rho = None
     z = v32 - m32 * m32
   if rotation is None:
-    cm, ccz = transport_general(change_of_basis(s_new, s_old), m32, z)
+    c = change_of_basis(s_new, s_old) if change is None else change
+    cm, ccz = transport_general(c, m32, z)
   else:
     cm, ccz = transport_rank1(*rotation, m32, z)
   if form == "debiased":

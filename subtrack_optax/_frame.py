@@ -18,6 +18,7 @@ update forms ``X``, inside its branch. :class:`Frame` owns the choice.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,19 @@ class Frame:
     x = x.reshape(plan.batch_shape + (plan.m, plan.n),
                   out_sharding=_sharding.merge_sharding(x, self._groups))
     x = x.astype(jnp.float32)
+    return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
+
+  def batched_matrix(self, g: jax.Array) -> jax.Array:
+    """Leaf ``g`` as ``(B, m, n)`` (``B`` = product of the batch axes), in
+    ``g``'s dtype: a free reshape when the batch axes lead."""
+    plan, perm = self.plan, self._perm
+    x = jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
+    groups = (len(plan.batch_axes),) + self._groups[len(plan.batch_axes):]
+    return x.reshape((math.prod(plan.batch_shape), plan.m, plan.n),
+                     out_sharding=_sharding.merge_sharding(x, groups))
+
+  def to_canonical(self, x: jax.Array) -> jax.Array:
+    """A matrix ``(..., m, n)`` -> its canonical ``(..., d, D)``."""
     return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
 
   def own(self, x: jax.Array) -> jax.Array:

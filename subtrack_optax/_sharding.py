@@ -54,6 +54,7 @@ __all__ = [
     "split_sharding",
     "like",
     "to_compute_layout",
+    "leading_axis_sharding",
     "sharding_key",
 ]
 
@@ -309,6 +310,16 @@ def to_compute_layout(x, s, mu, nu):
   return (re(s, sx.update(spec=_spec(*e[:-1], ()))),
           re(mu, sx.update(spec=_spec(*e[:-2], (), e[-1]))),
           re(nu, sx.update(spec=_spec(*e[:-2], (), e[-1]))))
+
+
+def leading_axis_sharding(x) -> Optional[NamedSharding]:
+  """Sharding of an ``(n,) + x.shape[-2:]`` stack of matrices laid out like
+  ``x``'s last two axes (``None`` if ``x`` is not explicitly sharded)."""
+  s = explicit_sharding(x)
+  if s is None:
+    return None
+  e = _entries(s.spec, x.ndim)
+  return s.update(spec=_spec((), e[-2], e[-1]))
 
 
 def sharding_key(x) -> Optional[str]:

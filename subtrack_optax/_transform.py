@@ -194,28 +194,31 @@ def _init(cfg: _config.Config, params) -> SubTrackState:
 
 
 def _leaf_update(cfg: _config.Config, frame: _frame.Frame, g: jax.Array,
-                 slot: _engine.Slot, prev: jax.Array, count: jax.Array,
+                 basis: jax.Array, mu: jax.Array, nu: jax.Array,
+                 prev: jax.Array, count: jax.Array,
                  count_inc: jax.Array) -> tuple:
-  """One projected leaf: Adam in the subspace, recovery, back-projection.
+  """One projected leaf: projection, Adam in the subspace, recovery,
+  back-projection.
 
   ``g`` is the leaf's float32 matrix as it lies; returns ``(U, M, V,
   recovery_norm)`` with ``U`` in the same layout (float32).
   """
-  s = slot.basis.astype(jnp.float32)
-  n, mu, nu = eq.adam_direction(slot.p, slot.mu.astype(jnp.float32),
-                                slot.nu.astype(jnp.float32), count_inc,
+  p = eq.project(frame, g, basis)
+  s = basis.astype(jnp.float32)
+  n, mu, nu = eq.adam_direction(p, mu.astype(jnp.float32),
+                                nu.astype(jnp.float32), count_inc,
                                 cfg.b1, cfg.b2, cfg.eps)
   if cfg.recovery is None:
     return cfg.scale * eq.back_project(frame, g, s, n), mu, nu, prev
   gram_p = None
   if cfg.gram_correction:  # S^T S != I to rounding for a narrow basis
     mm = _linalg.matmul
-    gram_p = mm(mm(jnp.swapaxes(s, -1, -2), s), slot.p)
-  phi, lam = eq.recovery_gains(n, slot.p, frame.col_sq_norms(g), gram_p,
+    gram_p = mm(mm(jnp.swapaxes(s, -1, -2), s), p)
+  phi, lam = eq.recovery_gains(n, p, frame.col_sq_norms(g), gram_p,
                                cfg.residual_scale)
   phi, prev = eq.limit_growth(phi, lam, prev, count, cfg.norm_growth_limit)
   c = cfg.residual_scale
-  resid = phi[..., None, :] * slot.p
+  resid = phi[..., None, :] * p
   w = cfg.scale * n - (resid if c == 1.0 else c * resid)
   return eq.back_project(frame, g, s, w, phi), mu, nu, prev
 
@@ -233,15 +236,14 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
   proj = [i for i, pl in enumerate(flat_plans) if pl.projected]
   frames = [_frame.Frame(flat_plans[i]) for i in proj]
 
-  # P = S^T X on the current bases (explicit sharding: the r-axis shards of
-  # the state are all-gathered first; a no-op otherwise).
-  xs, slots = [], []
-  for f, i in zip(frames, proj):
-    xs.append(f.canonical(gs[i]))
-    s, mu, nu = _sharding.to_compute_layout(xs[-1], bases[i], mus[i], nus[i])
-    slots.append(_engine.Slot(s, mu, nu, eq.project(f, f.own(xs[-1]), s)))
-  slots = _engine.update_subspaces(cfg, count, frames, [gs[i] for i in proj],
-                                   slots)
+  # Explicit sharding: the r-axis shards of the state are all-gathered for
+  # the update (a no-op otherwise).
+  xs = [f.canonical(gs[i]) for f, i in zip(frames, proj)]
+  leaves = _engine.Leaves(*zip(*(
+      _sharding.to_compute_layout(x, bases[i], mus[i], nus[i])
+      for x, i in zip(xs, proj)))) if proj else _engine.Leaves([], [], [])
+  leaves = _engine.update_subspaces(cfg, count, frames,
+                                    [gs[i] for i in proj], leaves)
 
   # Dense leaves: optax.scale_by_adam itself, on the tree whose projected
   # leaves are masked out, so its arithmetic is shared, not re-implemented.
@@ -253,12 +255,13 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
       dense_u, dense_state.mu, dense_state.nu))
   out_basis, out_prev = list(bases), list(prevs)
 
-  for f, i, x, sl in zip(frames, proj, xs, slots):
-    u, mu, nu, prev = _leaf_update(cfg, f, f.own(x), sl, prevs[i], count,
-                                   count_inc)
+  for j, (f, i, x) in enumerate(zip(frames, proj, xs)):
+    s, mu, nu = leaves.bases[j], leaves.mus[j], leaves.nus[j]
+    u, mu_new, nu_new, prev = _leaf_update(cfg, f, f.own(x), s, mu, nu,
+                                           prevs[i], count, count_inc)
     out_u[i] = f.restore(u, gs[i].dtype)
-    out_mu[i], out_nu[i] = mu.astype(sl.mu.dtype), nu.astype(sl.nu.dtype)
-    out_basis[i], out_prev[i] = sl.basis, prev
+    out_mu[i], out_nu[i] = mu_new.astype(mu.dtype), nu_new.astype(nu.dtype)
+    out_basis[i], out_prev[i] = s, prev
 
   new_state = SubTrackState(count_inc, *(treedef.unflatten(t) for t in (
       out_mu, out_nu, out_basis, out_prev)), plans=state.plans)

@@ -1,13 +1,12 @@
 """The options of :func:`subtrack_optax.subtrack`: validation and a frozen config."""
 
-from __future__ import annotations
-
 import dataclasses
 import numbers
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax._src import utils as optax_utils
 
 from subtrack_optax import _equations
@@ -30,12 +29,30 @@ def _is_real_number(x) -> bool:
 
 
 def _check(name, value, ok, accepted):
-  """Validates a Python number; traced/array values are left alone."""
-  if _is_real_number(value) and not ok(value):
+  """Validates a Python number; traced/array values are left alone (they
+  come from ``optax.inject_hyperparams``); anything else is a TypeError."""
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not (
+      isinstance(value, np.generic) and _is_real_number(value.item())):
+    return
+  if not _is_real_number(value):
+    raise TypeError(f"subtrack: {name} must be a real number, got "
+                    f"{type(value).__name__} {value!r}")
+  if not ok(value):
     raise ValueError(f"subtrack: {name} must be {accepted}, got {value!r}")
 
 
+def _static(name, value):
+  """A traced/array value where a Python constant is needed (typically an
+  argument ``optax.inject_hyperparams`` turned into an array)."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise ValueError(
+        f"subtrack: {name} fixes shapes or control flow and must be a Python "
+        f"constant, got an array {value!r}; with optax.inject_hyperparams "
+        "pass static_args=subtrack_optax.STATIC_ARGS")
+
+
 def _positive_int(name, value):
+  _static(name, value)
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
       or value <= 0):
     raise ValueError(f"subtrack: {name} must be a positive int, got {value!r}")
@@ -58,13 +75,27 @@ def _form(name, value, forms) -> Optional[str]:
 
 
 def _check_dimension_numbers(dimension_numbers):
-  if not (dimension_numbers is None or callable(dimension_numbers)
-          or isinstance(dimension_numbers, (_plans.SubTrackDimensionNumbers,
-                                            dict, list, tuple))
-          or jax.tree_util.all_leaves([dimension_numbers])):
+  """None, a spec, a callable, or a pytree whose leaves are specs or None."""
+  is_spec = lambda x: x is None or isinstance(
+      x, _plans.SubTrackDimensionNumbers)
+  ok = dimension_numbers is None or callable(dimension_numbers)
+  if not ok and not isinstance(dimension_numbers, (str, bytes)):
+    leaves = jax.tree.leaves(dimension_numbers, is_leaf=is_spec)
+    ok = (not jax.tree_util.all_leaves([dimension_numbers])
+          or is_spec(dimension_numbers)) and all(map(is_spec, leaves))
+  if not ok:
     raise ValueError("subtrack: dimension_numbers must be None, a "
                      "SubTrackDimensionNumbers, a pytree of them (None = "
                      f"dense) or a callable, got {dimension_numbers!r}")
+
+
+def _check_dtype(name, dtype, kinds=("floating",)):
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"subtrack: {name} must be a dtype, got {dtype!r}") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"subtrack: {name} must be a floating dtype, got {dt}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +147,20 @@ class Config:
     _positive_int("update_interval", update_interval)
     _choice("subspace_update", subspace_update, SUBSPACE_UPDATES)
     _choice("basis_side", basis_side, BASIS_SIDES)
-    _check("step_size", step_size, lambda v: v >= 0, ">= 0")
-    _check("scale", scale, lambda v: v > 0, "> 0")
+    _check("step_size", step_size, lambda v: 0 <= v < float("inf"),
+           "finite and >= 0")
+    _check("scale", scale, lambda v: 0 < v < float("inf"), "finite and > 0")
     _check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
     _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
-    _check("eps", eps, lambda v: v >= 0, ">= 0")
+    _check("eps", eps, lambda v: 0 <= v < float("inf"), "finite and >= 0")
     _check("norm_growth_limit", norm_growth_limit, lambda v: v >= 1, ">= 1")
+    _static("seed", seed)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
       raise ValueError(f"subtrack: seed must be an int, got {seed!r}")
     _check_dimension_numbers(dimension_numbers)
+    _check_dtype("basis_dtype", basis_dtype)
+    if mu_dtype is not None:
+      _check_dtype("mu_dtype", mu_dtype)
     return cls(
         rank=int(rank), update_interval=update_interval,
         subspace_update=subspace_update, step_size=step_size,

@@ -1,7 +1,5 @@
 """Diagnostics of the tracked subspaces: captured energy and rotation angle."""
 
-from __future__ import annotations
-
 import sys
 from typing import Any, NamedTuple, Optional
 
@@ -82,7 +80,9 @@ def _energy(x, s):
   num = jnp.sum(p * p, axis=(-2, -1))
   den = jnp.sum(x * x, axis=(-2, -1))
   frac = jnp.minimum(num / jnp.where(den > 0, den, 1.0), 1.0)  # rounding
-  return jnp.where(den > 0, frac, 0.0)
+  # 0 for a zero gradient; NaN (not 0) for a non-finite one, so that
+  # monitoring sees it.
+  return jnp.where(den == 0, 0.0, jnp.where(jnp.isfinite(den), frac, jnp.nan))
 
 
 def _largest_principal_angle(s0, s1):

@@ -28,8 +28,6 @@ with the number of same-shape leaves:
 ``cfg`` is the transform's :class:`~subtrack_optax._config.Config`.
 """
 
-from __future__ import annotations
-
 import math
 import types
 from typing import Callable, NamedTuple, Sequence

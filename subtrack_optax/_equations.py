@@ -23,8 +23,6 @@ References:
   Chen et al., Fira (arXiv 2410.01623) for recovery scaling and the limiter.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import jax
@@ -41,6 +39,7 @@ __all__ = [
     "transport_general",
     "transport_rank1",
     "transport_moments",
+    "moment_ratio_bound",
     "adam_direction",
     "recovery_gains",
     "limit_growth",
@@ -105,6 +104,35 @@ def transport_rank1(axis: jax.Array, theta: jax.Array, m: jax.Array,
   return cm, ccz
 
 
+def moment_ratio_bound(b1, b2) -> jax.Array:
+  r"""``K`` with :math:`M^2 \le K V` for every Adam state (:math:`\beta_1^2 <
+  \beta_2`), and the floor the transport keeps.
+
+  Adam's moments are weighted sums of the same gradients, so by
+  Cauchy-Schwarz :math:`m_t^2 \le K v_t` with
+
+  .. math::
+
+     K = \frac{(1-\beta_1)^2}{(1-\beta_2)(1-\beta_1^2/\beta_2)},
+
+  and an Adam step keeps it: if :math:`m^2 \le K v`, then
+  :math:`(\beta_1 m + (1-\beta_1) g)^2 \le (\beta_1^2 K/\beta_2 +
+  (1-\beta_1)^2/(1-\beta_2))(\beta_2 v + (1-\beta_2) g^2) = K v'`. So
+  Adam's direction obeys :math:`|\hat m|/\sqrt{\hat v} \le \sqrt{K}
+  \sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+
+  Returns ``kappa = min(1, K)`` (1 when :math:`\beta_1^2 \ge \beta_2`, where
+  Adam has no such bound): :func:`transport_moments` keeps :math:`V' \ge
+  M'^2/\kappa \ge M'^2/K`, so the invariant, and with it plain Adam's
+  bound on the direction, holds after every transport and every later step.
+  """
+  b1 = jnp.asarray(b1, jnp.float32)
+  b2 = jnp.asarray(b2, jnp.float32)
+  ok = b1 * b1 < b2
+  k = (1 - b1) ** 2 / ((1 - b2) * (1 - b1 * b1 / jnp.where(ok, b2, 1.0)))
+  return jnp.where(ok, jnp.minimum(k, 1.0), 1.0)
+
+
 def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
                       nu: jax.Array, rotation=None, *,
                       change: Optional[jax.Array] = None, form: str = "ldadam",
@@ -121,7 +149,15 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
     :math:`V' = \max(C^{\circ 2}(V - \rho M^{\circ 2}) + \rho (CM)^{\circ
     2}, 0)`, :math:`\rho = (1-\beta_2^t)/(1-\beta_1^t)^2`, ``t = count``;
   - ``"reference"`` (the reference code): :math:`V' = (1-\beta_2)\,
-    |C^{\circ 2}(V - M^{\circ 2}) + (CM)^{\circ 2}|`.
+    |C^{\circ 2}(V - M^{\circ 2}) + (CM)^{\circ 2}|`;
+
+  then, in every form, :math:`V' \leftarrow \max(V', M'^{\circ 2}/\kappa)`
+  (:func:`moment_ratio_bound`): the transported moments satisfy Adam's
+  invariant :math:`M'^2 \le K V'`, so the next Adam directions obey plain
+  Adam's bound. (Without it, when consecutive gradients are alike ``V - M^2``
+  is strongly negative, ``V'`` falls below ``M'^2`` or to 0 while ``M'`` does
+  not, and a coordinate whose new projection is near zero gets a step of
+  ``M'/eps``: every value finite, the update 10^6 times Adam's.)
 
   Args:
     s_new: the new basis ``(..., d, r)`` (float32).
@@ -134,8 +170,8 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
       ``s_new``/``s_old`` are not used).
     form: one of :data:`TRANSPORTS`.
     count: the step count ``t`` (``"debiased"`` only).
-    b1: first-moment decay (``"debiased"``).
-    b2: second-moment decay (``"debiased"``, ``"reference"``).
+    b1: first-moment decay.
+    b2: second-moment decay.
 
   Returns:
     ``(M', V')`` in the dtypes of ``mu`` and ``nu``.
@@ -156,11 +192,12 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
   else:
     cm, ccz = transport_rank1(*rotation, m32, z)
   if form == "debiased":
-    v_new = jnp.maximum(ccz + rho * cm * cm, 0.0)
+    v_new = ccz + rho * cm * cm
   elif form == "reference":
     v_new = (1 - b2) * jnp.abs(ccz + cm * cm)
   else:
-    v_new = jnp.maximum(ccz + cm * cm, 0.0)
+    v_new = ccz + cm * cm
+  v_new = jnp.maximum(v_new, cm * cm / moment_ratio_bound(b1, b2))
   return cm.astype(mu.dtype), v_new.astype(nu.dtype)
 
 

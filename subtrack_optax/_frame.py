@@ -15,8 +15,6 @@ neither ``g`` nor the update is ever copied transposed); only the subspace
 update forms ``X``, inside its branch. :class:`Frame` owns the choice.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 

@@ -18,8 +18,6 @@ References:
   (subspace iteration with Rayleigh-Ritz).
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Sequence

@@ -1,7 +1,5 @@
 """``partition_specs``: the sharding of a whole optimizer state on a mesh."""
 
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import jax

@@ -8,8 +8,6 @@ rows); the canonical frame ``X`` is ``(batch..., d, D)`` (formed by
 pytree) and :class:`Plans` carries a whole tree of them in the state.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import zlib
@@ -39,9 +37,11 @@ class SubTrackDimensionNumbers(NamedTuple):
 
   Attributes:
     reduction_axis: int or tuple of ints (negative allowed): the input side
-      of the matrix, ``m = prod(shape[reduction_axis])``.
+      of the matrix, ``m = prod(shape[reduction_axis])``. Default ``-2``.
     output_axis: int or tuple of ints: the output side,
-      ``n = prod(shape[output_axis])``.
+      ``n = prod(shape[output_axis])``. Default ``-1``: with no arguments
+      the spec is the default rule's (the last two axes form the matrix,
+      leading axes are batch axes, e.g. scanned layers ``(L, m, n)``).
 
   Example:
     >>> import subtrack_optax as st
@@ -50,11 +50,12 @@ class SubTrackDimensionNumbers(NamedTuple):
     ...                                    output_axis=(1, 2))
   """
 
-  reduction_axis: AxisSpec = 0
-  output_axis: AxisSpec = 1
+  reduction_axis: AxisSpec = -2
+  output_axis: AxisSpec = -1
 
 
-_DEFAULT = SubTrackDimensionNumbers(reduction_axis=-2, output_axis=-1)
+# The default rule's spec (the no-argument spec is the same).
+_DEFAULT = SubTrackDimensionNumbers()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,13 @@ def _is_spec_leaf(x) -> bool:
 
 
 def _axes(spec: AxisSpec, ndim: int, name: str, path: str) -> tuple[int, ...]:
-  axes = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
+  if isinstance(spec, (int, np.integer)):
+    axes = (spec,)
+  elif isinstance(spec, (tuple, list)):
+    axes = tuple(spec)
+  else:
+    raise TypeError(f"dimension_numbers.{name} for leaf {path} must be an int "
+                    f"or a tuple of ints, got {spec!r}")
   out = []
   for a in axes:
     if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
@@ -124,7 +131,9 @@ def _leaf_plan(path: str, leaf, spec, rank: int, basis_side: str,
         "complex, treated as dense) leaves are supported; mask integer leaves "
         "out with optax.masked or optax.partition")
   dense = LeafPlan(path=path, shape=shape, projected=False)
-  if spec is None or jnp.issubdtype(dtype, jnp.complexfloating):
+  # Complex leaves and empty ones (a zero-size axis) get dense Adam.
+  if (spec is None or jnp.issubdtype(dtype, jnp.complexfloating)
+      or 0 in shape):
     return dense
   if not strict and len(shape) < 2:
     return dense

@@ -32,8 +32,6 @@ nothing of the transform (a "plan" here is any object with the attributes
 of :class:`subtrack_optax._plans.LeafPlan`).
 """
 
-from __future__ import annotations
-
 from typing import Mapping, NamedTuple, Optional
 
 import jax

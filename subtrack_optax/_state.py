@@ -1,7 +1,5 @@
 """The state of :func:`subtrack_optax.subtrack`, which knows its leaf plans."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple, Optional
 
 import jax

@@ -5,8 +5,6 @@ geodesic of the Grassmann manifold in the direction that most decreases the
 projection error ``F(S) = ||X - S S^T X||_F^2`` of the current gradient.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple, Optional, Sequence
 
 import jax

@@ -6,8 +6,6 @@ leaf (:func:`_leaf_update`), after the subspace update of
 :func:`optax.scale_by_adam` itself.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -223,11 +221,39 @@ def _leaf_update(cfg: _config.Config, frame: _frame.Frame, g: jax.Array,
   return eq.back_project(frame, g, s, w, phi), mu, nu, prev
 
 
+def _check_state_matches(flat_plans, state: SubTrackState) -> None:
+  """The state must come from this configuration and these shapes."""
+  if state.plans is None:  # unpickled from before the state carried plans
+    return
+  stored = state.plans.geometry()
+  now = _plans.Plans(None, tuple(flat_plans)).geometry()
+  if len(stored) != len(now):
+    raise ValueError(
+        f"subtrack: the state was built for {len(stored)} leaves, the "
+        f"updates have {len(now)} (a state from another model?)")
+  for was, pl, named in zip(stored, now, flat_plans):
+    if was != pl:
+      pl = named
+      raise ValueError(
+          f"subtrack: leaf {pl.path} does not match the state: the state was "
+          f"built for shape {was.shape} ({_describe(was)}), the update is "
+          f"{pl.shape} ({_describe(pl)}); a checkpoint from a different "
+          "configuration (rank, basis_side, dimension_numbers) or model?")
+
+
+def _describe(plan: _plans.LeafPlan) -> str:
+  if not plan.projected:
+    return "dense"
+  return (f"rank {plan.rank}, d={plan.d}, D={plan.big_d}, batch "
+          f"{plan.batch_shape}")
+
+
 def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
             updates, state: SubTrackState):
   """The update: subspace update, then each leaf's step (dense: Adam)."""
   flat_plans, treedef = jax.tree.flatten(cfg.plans(updates),
                                          is_leaf=_plans.is_plan)
+  _check_state_matches(flat_plans, state)
   gs, mus, nus, bases, prevs = (
       treedef.flatten_up_to(t) for t in (updates, state.mu, state.nu,
                                          state.basis, state.recovery_norm))
@@ -277,12 +303,31 @@ def subtrack_adamw(
     *,
     weight_decay: float = 0.0,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
-    **subtrack_kwargs,
+    subspace_update: str = "grassmann",
+    step_size: float = 0.5,
+    normalize_tracking: bool = True,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    transport_moments: Union[bool, str] = True,
+    recovery_scaling: Union[bool, str] = True,
+    norm_growth_limit: float = 1.01,
+    basis_side: str = "small",
+    dimension_numbers: Any = None,
+    basis_dtype: Any = jnp.float32,
+    mu_dtype: Optional[Any] = None,
+    seed: int = 0,
+    stagger: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """SubTrack++ with decoupled weight decay and a learning rate.
 
-  ``chain(subtrack(rank, update_interval, **subtrack_kwargs),
+  ``chain(subtrack(rank, update_interval, ...),
   add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``.
+  Every argument is explicit, so ``optax.inject_hyperparams`` can inject
+  the learning rate, the weight decay and the float hyperparameters; the
+  shape- and control-flow-fixing ones go in its ``static_args``
+  (:data:`STATIC_ARGS`).
 
   Args:
     learning_rate: a scalar or an optax schedule.
@@ -290,18 +335,43 @@ def subtrack_adamw(
     update_interval: steps between subspace updates.
     weight_decay: decoupled weight decay.
     mask: weight decay mask (as in :func:`optax.adamw`).
-    **subtrack_kwargs: any keyword argument of :func:`subtrack`.
+    subspace_update: see :func:`subtrack` (and every argument below).
+    step_size: geodesic step size.
+    normalize_tracking: track with the normalized gradient.
+    scale: factor on the back-projected Adam direction.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: Adam's epsilon.
+    transport_moments: the moment transport (or its named form).
+    recovery_scaling: the recovery term (or its named form).
+    norm_growth_limit: the recovery limiter's growth bound.
+    basis_side: ``"small"`` or ``"large"``.
+    dimension_numbers: which axes form each matrix.
+    basis_dtype: dtype of the stored bases.
+    mu_dtype: dtype of the first moments.
+    seed: seed of the ``"random"`` mode.
+    stagger: per-leaf phases of the subspace updates.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
-    >>> import jax.numpy as jnp, subtrack_optax as st
+    >>> import jax.numpy as jnp, optax, subtrack_optax as st
     >>> tx = st.subtrack_adamw(1e-3, rank=4, weight_decay=0.01)
     >>> state = tx.init({"w": jnp.ones((16, 32))})
+    >>> tx = optax.inject_hyperparams(st.subtrack_adamw,
+    ...                               static_args=st.STATIC_ARGS)(
+    ...     learning_rate=1e-3, rank=4)
   """
   return optax.chain(
-      subtrack(rank, update_interval, **subtrack_kwargs),
+      subtrack(rank, update_interval, subspace_update=subspace_update,
+               step_size=step_size, normalize_tracking=normalize_tracking,
+               scale=scale, b1=b1, b2=b2, eps=eps,
+               transport_moments=transport_moments,
+               recovery_scaling=recovery_scaling,
+               norm_growth_limit=norm_growth_limit, basis_side=basis_side,
+               dimension_numbers=dimension_numbers, basis_dtype=basis_dtype,
+               mu_dtype=mu_dtype, seed=seed, stagger=stagger),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -73,6 +73,11 @@ class RefMatrix:
         else:                    # True or "ldadam"
           self.v = np.maximum((cc * cc) @ (self.v - m_old * m_old)
                               + (cc @ m_old) ** 2, 0.0)
+        # Adam's invariant M^2 <= K V kept through the transport.
+        b1, b2 = c["b1"], c["b2"]
+        kappa = (min(1.0, (1 - b1) ** 2 / ((1 - b2) * (1 - b1 * b1 / b2)))
+                 if b1 * b1 < b2 else 1.0)
+        self.v = np.maximum(self.v, self.m ** 2 / kappa)
     b1, b2, eps = c["b1"], c["b2"], c["eps"]
     p = self.s.T @ x
     self.m = b1 * self.m + (1 - b1) * p

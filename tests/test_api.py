@@ -293,3 +293,51 @@ def test_library_imports_with_its_declared_dependencies_only():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=300, check=False)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_no_argument_dimension_numbers_are_the_default_rule():
+  """``SubTrackDimensionNumbers()`` = the last two axes (issue 13, item 6):
+  a scanned ``(L, m, n)`` leaf is L matrices, not silently dense."""
+  spec = st.SubTrackDimensionNumbers()
+  assert (spec.reduction_axis, spec.output_axis) == (-2, -1)
+  params = {"scan": jnp.zeros((4, 48, 64))}
+  state = st.subtrack(R, dimension_numbers=spec).init(params)
+  assert state.basis["scan"].shape == (4, 48, R)
+  default = st.subtrack(R).init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(default)
+
+
+def test_update_accepts_extra_args_through_chain():
+  """optax's chain forwards extra arguments (issue 13, item 1)."""
+  tx = optax.chain(st.subtrack(rank=1), optax.scale(-1e-3))
+  state = tx.init(PARAMS)
+  u, _ = tx.update(_grads(0), state, PARAMS, value=jnp.float32(1.0))
+  assert jax.tree.structure(u) == jax.tree.structure(PARAMS)
+
+
+def test_public_signatures_have_real_annotations():
+  """No string annotations: optax sees that the lr may be a schedule."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  for fn in (st.subtrack, st.subtrack_adamw, st.partition_specs,
+             st.subspace_diagnostics, st.grassmann_step):
+    for name, p in inspect.signature(fn).parameters.items():
+      assert not isinstance(p.annotation, str), (fn.__name__, name)
+  lr = inspect.signature(st.subtrack_adamw).parameters["learning_rate"]
+  assert lr.annotation is optax.ScalarOrSchedule
+
+
+def test_inject_hyperparams_on_subtrack_adamw():
+  """The lr and the floats are injectable (issue 13, item 2)."""
+  tx = optax.inject_hyperparams(st.subtrack_adamw,
+                                static_args=st.STATIC_ARGS)(
+                                    learning_rate=1e-3, rank=R,
+                                    weight_decay=0.0)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  u1, _ = update(_grads(0), state, PARAMS)
+  state.hyperparams["learning_rate"] = jnp.asarray(2e-3)
+  u2, _ = update(_grads(0), state, PARAMS)
+  np.testing.assert_allclose(u2["w"], 2 * u1["w"], rtol=1e-5)
+  with pytest.raises(ValueError, match="rank.*static_args"):
+    optax.inject_hyperparams(st.subtrack_adamw)(learning_rate=1e-3,
+                                                rank=R).init(PARAMS)

@@ -41,13 +41,11 @@ CONFIGS = {
                             recovery_scaling=False, transport_moments=False),
     "loose-limiter": dict(norm_growth_limit=1.5, scale=1.0, b1=0.5, b2=0.9),
     # The named forms of the A/B variants (public options).
-    "transport-ldadam": dict(transport_moments="ldadam"),
     "transport-debiased": dict(transport_moments="debiased"),
     "transport-reference": dict(transport_moments="reference"),
     "svd-transport-debiased": dict(subspace_update="svd",
                                    transport_moments="debiased"),
     "recovery-reference": dict(recovery_scaling="reference"),
-    "recovery-orthogonal": dict(recovery_scaling="orthogonal"),
 }
 
 

@@ -177,7 +177,11 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
     ``(M', V')`` in the dtypes of ``mu`` and ``nu``.
   """
   m32 = mu.astype(jnp.float32)
-  v32 = nu.astype(jnp.float32)
+  # An overflowed second moment (a spike: V = inf while M is finite, as in
+  # optax's Adam) must not turn into NaN here (inf - inf, 0 * inf in the
+  # products): it is read as the largest float, so V' stays +inf or huge
+  # and the next Adam directions of those coordinates are 0, as optax's.
+  v32 = jnp.minimum(nu.astype(jnp.float32), jnp.finfo(jnp.float32).max)
   if form == "debiased":
     t = count.astype(jnp.float32)
     # (t = 0, where the moments are zero, would give 0/0.)

@@ -144,3 +144,21 @@ def test_small_relu_mlp_trains_like_adamw_in_every_seed(mode):
     # blow up at a refresh, as it did: 0.28 -> 3.9e4 at step 20).
     assert ours.max() <= max(1.1 * ours[0], adamw.max()), (seed, ours)
     assert ours[-1] < 0.8 * ours[0], (seed, ours)
+
+
+@pytest.mark.parametrize("mode", ["grassmann", "svd"])
+def test_an_overflowing_spike_does_not_poison_the_state(mode):
+  """Issue 12, item 2: a finite spike that overflows V (1e20 in float32)
+  gives finite updates before and after the next refresh, like optax's
+  Adam (whose direction is 0 where V overflowed)."""
+  tx = st.subtrack(4, 3, subspace_update=mode)
+  state = tx.init({"w": jnp.zeros((16, 32))})
+  update = jax.jit(tx.update)
+  for i in range(10):
+    g = jax.random.normal(jax.random.key(i), (16, 32))
+    if i == 4:
+      g = g.at[3, 5].set(1e20)
+    u, state = update({"w": g}, state)
+    assert np.all(np.isfinite(np.asarray(u["w"]))), i
+  assert not np.any(np.isnan(np.asarray(state.nu["w"])))
+  assert not np.any(np.isnan(np.asarray(state.mu["w"])))

@@ -89,7 +89,7 @@ def _check_dimension_numbers(dimension_numbers):
                      f"dense) or a callable, got {dimension_numbers!r}")
 
 
-def _check_dtype(name, dtype, kinds=("floating",)):
+def _check_dtype(name, dtype):
   try:
     dt = jnp.dtype(dtype)
   except TypeError as e:

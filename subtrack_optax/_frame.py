@@ -69,8 +69,7 @@ class Frame:
     # Explicit sharding: merged axes take their parts' mesh axes in order.
     x = x.reshape(plan.batch_shape + (plan.m, plan.n),
                   out_sharding=_sharding.merge_sharding(x, self._groups))
-    x = x.astype(jnp.float32)
-    return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
+    return self.to_canonical(x.astype(jnp.float32))
 
   def batched_matrix(self, g: jax.Array) -> jax.Array:
     """Leaf ``g`` as ``(B, m, n)`` (``B`` = product of the batch axes), in
@@ -86,16 +85,13 @@ class Frame:
     return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
 
   def own(self, x: jax.Array) -> jax.Array:
-    """The canonical ``X`` back in the matrix's ``(batch..., m, n)`` order.
+    """The canonical ``X`` back in the matrix's ``(batch..., m, n)`` order
+    (the same swap, its own inverse).
 
     For a basis on the output side the two swaps (this one and the one in
     :meth:`canonical`) cancel: no transposed copy is made.
     """
-    return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
-
-  def matrix(self, g: jax.Array) -> jax.Array:
-    """Leaf ``g`` as its float32 matrix ``(batch..., m, n)``."""
-    return self.own(self.canonical(g))
+    return self.to_canonical(x)
 
   def restore(self, u: jax.Array, dtype) -> jax.Array:
     """Matrix ``u`` ``(batch..., m, n)`` -> the leaf's shape, cast to ``dtype``."""
@@ -136,10 +132,3 @@ class Frame:
   def scale_columns(self, g: jax.Array, phi: jax.Array) -> jax.Array:
     """``X diag(phi)`` in the matrix's layout."""
     return (phi[..., None, :] if self.basis_on_rows else phi[..., :, None]) * g
-
-
-def reproject(s: jax.Array, x: jax.Array, like: jax.Array) -> jax.Array:
-  """``S^T X`` for a basis ``S`` and canonical ``X``, laid out like ``like``."""
-  return _sharding.like(_sharding.sharded_matmul(
-      jnp.swapaxes(s.astype(jnp.float32), -1, -2), x), like)
-

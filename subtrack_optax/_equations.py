@@ -299,5 +299,15 @@ def back_project(frame: _frame.Frame, g: jax.Array, s: jax.Array,
   the ``d x D`` residual is never formed. ``U`` is in the matrix's layout
   (as ``g`` lies).
   """
-  u = frame.basis_times(s, w)
-  return u if phi is None else u + frame.scale_columns(g, phi)
+  return add_recovery(frame, frame.basis_times(s, w), g, phi)
+
+
+def add_recovery(frame: _frame.Frame, sw: jax.Array, g: jax.Array,
+                 phi: Optional[jax.Array] = None) -> jax.Array:
+  r""":math:`U = S W + X\,\mathrm{diag}(\phi)` given the product ``S W``: the
+  elementwise end of :func:`back_project` (``U = S W`` if ``phi`` is None).
+
+  The sweep applies it where the update is written into its leaf, so that
+  XLA fuses it with that write.
+  """
+  return sw if phi is None else sw + frame.scale_columns(g, phi)

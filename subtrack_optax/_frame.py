@@ -3,9 +3,10 @@
 A projected leaf ``g`` is seen three ways:
 
 - as it lies, ``(...)`` in the parameter's own shape;
-- as its *matrix*, ``(batch..., m, n)``: batch axes first, then the product
-  of the reduction axes (``m``) and of the output axes (``n``); a free
-  reshape for the default rule (no transposed copy);
+- *ordered*, ``(batch..., reduction..., output...)``: the leaf itself for
+  the default rule (no copy); each batch slice is one item, seen as its
+  *matrix* ``(m, n)`` (``m`` the product of the reduction axes, ``n`` of the
+  output axes; a free reshape);
 - in the *canonical frame* ``X``, ``(batch..., d, D)``: the basis side
   ``d`` first. ``X`` is the matrix itself when the basis spans the
   reduction side (``basis_on_reduction``), else its transpose.
@@ -16,7 +17,6 @@ update forms ``X``, inside its branch. :class:`Frame` owns the choice.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -71,38 +71,37 @@ class Frame:
                   out_sharding=_sharding.merge_sharding(x, self._groups))
     return self.to_canonical(x.astype(jnp.float32))
 
-  def batched_matrix(self, g: jax.Array) -> jax.Array:
-    """Leaf ``g`` as ``(B, m, n)`` (``B`` = product of the batch axes), in
-    ``g``'s dtype: a free reshape when the batch axes lead."""
-    plan, perm = self.plan, self._perm
-    x = jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
-    groups = (len(plan.batch_axes),) + self._groups[len(plan.batch_axes):]
-    return x.reshape((math.prod(plan.batch_shape), plan.m, plan.n),
-                     out_sharding=_sharding.merge_sharding(x, groups))
+  def ordered(self, g: jax.Array) -> jax.Array:
+    """Leaf ``g`` with its axes in the order ``(batch..., reduction...,
+    output...)``: ``g`` itself for the default rule (no copy)."""
+    perm = self._perm
+    return jnp.transpose(g, perm) if perm != tuple(range(len(perm))) else g
+
+  def unordered(self, a: jax.Array) -> jax.Array:
+    """The inverse of :meth:`ordered`."""
+    perm = self._perm
+    if perm == tuple(range(len(perm))):
+      return a
+    return jnp.transpose(a, np.argsort(perm))
+
+  def item_matrix(self, a: jax.Array) -> jax.Array:
+    """One batch slice of :meth:`ordered`, ``(reduction..., output...)``,
+    as its matrix ``(m, n)``."""
+    groups = self._groups[len(self.plan.batch_axes):]
+    return a.reshape((self.plan.m, self.plan.n),
+                     out_sharding=_sharding.merge_sharding(a, groups))
+
+  def item_unmatrix(self, x: jax.Array) -> jax.Array:
+    """The inverse of :meth:`item_matrix`."""
+    plan = self.plan
+    shape = tuple(plan.shape[a] for a in plan.reduction_axes + plan.output_axes)
+    groups = self._groups[len(plan.batch_axes):]
+    return x.reshape(shape, out_sharding=_sharding.split_sharding(
+        x, shape, groups))
 
   def to_canonical(self, x: jax.Array) -> jax.Array:
     """A matrix ``(..., m, n)`` -> its canonical ``(..., d, D)``."""
     return x if self.basis_on_rows else jnp.swapaxes(x, -1, -2)
-
-  def own(self, x: jax.Array) -> jax.Array:
-    """The canonical ``X`` back in the matrix's ``(batch..., m, n)`` order
-    (the same swap, its own inverse).
-
-    For a basis on the output side the two swaps (this one and the one in
-    :meth:`canonical`) cancel: no transposed copy is made.
-    """
-    return self.to_canonical(x)
-
-  def restore(self, u: jax.Array, dtype) -> jax.Array:
-    """Matrix ``u`` ``(batch..., m, n)`` -> the leaf's shape, cast to ``dtype``."""
-    plan, perm = self.plan, self._perm
-    shape = tuple(plan.shape[a] for a in perm)
-    u = u.reshape(shape, out_sharding=_sharding.split_sharding(
-        u, shape, self._groups))
-    u = u.astype(dtype)
-    if perm == tuple(range(len(perm))):
-      return u
-    return jnp.transpose(u, np.argsort(perm))
 
   def project(self, g: jax.Array, s: jax.Array) -> jax.Array:
     """``P = S^T X`` (``(batch..., r, D)``, float32) with matrix ``g`` as it lies.

@@ -387,16 +387,22 @@ def top_left_singular_vectors_multi(xs: Sequence[jax.Array],
   apply = lambda q: inv * jnp.concatenate([
       matmul(x, inv_i * matmul(_mT(x), qi))
       for x, qi, inv_i in zip(xs, split(q), split(inv))])
-  # Fixed Gaussian start block: deterministic, independent of the data.
-  omega = jax.random.normal(jax.random.key(0x5B7), (big_d, k), jnp.float32)
+  # Fixed Gaussian start block: deterministic, independent of the data;
+  # drawn at trace time (a constant of the program, not code to compile).
+  with jax.ensure_compile_time_eval():
+    omega = jax.random.normal(jax.random.key(0x5B7), (big_d, k), jnp.float32)
   y = inv * jnp.concatenate([matmul(x, omega) for x in xs])
-  y = jnp.where(jnp.isfinite(y), y, 0.0)
+  iters = subspace_iterations(rank, k)
 
-  def step(_, y):
-    return apply(householder_orthonormalize(y))
+  def step(i, yq):
+    # Q_i = orth(Y_i), Y_{i+1} = X X^T Q_i; the last pass only orthonormalizes
+    # (one copy of the Householder loop in the program).
+    y, _ = yq
+    q = householder_orthonormalize(jnp.where(jnp.isfinite(y), y, 0.0))
+    y = jax.lax.cond(i < iters, apply, lambda q: y, q)
+    return y, q
 
-  y = jax.lax.fori_loop(0, subspace_iterations(rank, k), step, y)
-  q = householder_orthonormalize(jnp.where(jnp.isfinite(y), y, 0.0))
+  _, q = jax.lax.fori_loop(0, iters + 1, step, (y, y))
   b = [inv_i * matmul(_mT(qi), x) for x, qi, inv_i in zip(xs, split(q),
                                                          split(inv))]
   _, w = sym_eig(jnp.concatenate([matmul(bi, _mT(bi)) for bi in b]))

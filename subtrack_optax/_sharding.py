@@ -52,7 +52,6 @@ __all__ = [
     "split_sharding",
     "like",
     "to_compute_layout",
-    "leading_axis_sharding",
     "sharding_key",
 ]
 
@@ -292,6 +291,17 @@ def like(x, ref):
   return jax.sharding.reshard(x, s)
 
 
+def like_slice(x, a, n: int):
+  """``x`` resharded to the sharding of ``a[i_1, ..., i_n]`` (``a``'s
+  sharding without its first ``n`` axes; ``x`` as is without explicit
+  sharding)."""
+  s = explicit_sharding(a)
+  if s is None or explicit_sharding(x) is None:
+    return x
+  target = s.update(spec=_spec(*_entries(s.spec, a.ndim)[n:]))
+  return jax.sharding.reshard(x, target)
+
+
 def to_compute_layout(x, s, mu, nu):
   """Gathers the stored ``r``-axis shards for the update of one leaf.
 
@@ -308,16 +318,6 @@ def to_compute_layout(x, s, mu, nu):
   return (re(s, sx.update(spec=_spec(*e[:-1], ()))),
           re(mu, sx.update(spec=_spec(*e[:-2], (), e[-1]))),
           re(nu, sx.update(spec=_spec(*e[:-2], (), e[-1]))))
-
-
-def leading_axis_sharding(x) -> Optional[NamedSharding]:
-  """Sharding of an ``(n,) + x.shape[-2:]`` stack of matrices laid out like
-  ``x``'s last two axes (``None`` if ``x`` is not explicitly sharded)."""
-  s = explicit_sharding(x)
-  if s is None:
-    return None
-  e = _entries(s.spec, x.ndim)
-  return s.update(spec=_spec((), e[-2], e[-1]))
 
 
 def sharding_key(x) -> Optional[str]:

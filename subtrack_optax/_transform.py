@@ -1,8 +1,8 @@
 """The SubTrack++ gradient transformation: ``subtrack`` and ``subtrack_adamw``.
 
-``update`` composes the equations of :mod:`subtrack_optax._equations` leaf by
-leaf (:func:`_leaf_update`), after the subspace update of
-:mod:`subtrack_optax._engine`; dense leaves go through
+``update`` sends the projected leaves through the sweep of
+:mod:`subtrack_optax._engine` (each matrix's update is
+:func:`subtrack_optax._step.matrix_update`); dense leaves go through
 :func:`optax.scale_by_adam` itself.
 """
 
@@ -15,9 +15,7 @@ from optax._src import numerics
 
 from subtrack_optax import _config
 from subtrack_optax import _engine
-from subtrack_optax import _equations as eq
 from subtrack_optax import _frame
-from subtrack_optax import _linalg
 from subtrack_optax import _plans
 from subtrack_optax import _sharding
 from subtrack_optax._config import STATIC_ARGS
@@ -191,36 +189,6 @@ def _init(cfg: _config.Config, params) -> SubTrackState:
                        plans=_plans.Plans(treedef, tuple(flat_plans)))
 
 
-def _leaf_update(cfg: _config.Config, frame: _frame.Frame, g: jax.Array,
-                 basis: jax.Array, mu: jax.Array, nu: jax.Array,
-                 prev: jax.Array, count: jax.Array,
-                 count_inc: jax.Array) -> tuple:
-  """One projected leaf: projection, Adam in the subspace, recovery,
-  back-projection.
-
-  ``g`` is the leaf's float32 matrix as it lies; returns ``(U, M, V,
-  recovery_norm)`` with ``U`` in the same layout (float32).
-  """
-  p = eq.project(frame, g, basis)
-  s = basis.astype(jnp.float32)
-  n, mu, nu = eq.adam_direction(p, mu.astype(jnp.float32),
-                                nu.astype(jnp.float32), count_inc,
-                                cfg.b1, cfg.b2, cfg.eps)
-  if cfg.recovery is None:
-    return cfg.scale * eq.back_project(frame, g, s, n), mu, nu, prev
-  gram_p = None
-  if cfg.gram_correction:  # S^T S != I to rounding for a narrow basis
-    mm = _linalg.matmul
-    gram_p = mm(mm(jnp.swapaxes(s, -1, -2), s), p)
-  phi, lam = eq.recovery_gains(n, p, frame.col_sq_norms(g), gram_p,
-                               cfg.residual_scale)
-  phi, prev = eq.limit_growth(phi, lam, prev, count, cfg.norm_growth_limit)
-  c = cfg.residual_scale
-  resid = phi[..., None, :] * p
-  w = cfg.scale * n - (resid if c == 1.0 else c * resid)
-  return eq.back_project(frame, g, s, w, phi), mu, nu, prev
-
-
 def _check_state_matches(flat_plans, state: SubTrackState) -> None:
   """The state must come from this configuration and these shapes."""
   if state.plans is None:  # unpickled from before the state carried plans
@@ -264,12 +232,12 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
 
   # Explicit sharding: the r-axis shards of the state are all-gathered for
   # the update (a no-op otherwise).
-  xs = [f.canonical(gs[i]) for f, i in zip(frames, proj)]
-  leaves = _engine.Leaves(*zip(*(
-      _sharding.to_compute_layout(x, bases[i], mus[i], nus[i])
-      for x, i in zip(xs, proj)))) if proj else _engine.Leaves([], [], [])
-  leaves = _engine.update_subspaces(cfg, count, frames,
-                                    [gs[i] for i in proj], leaves)
+  state_c = [_sharding.to_compute_layout(f.canonical(gs[i]), bases[i],
+                                         mus[i], nus[i])
+             for f, i in zip(frames, proj)]
+  leaves = _engine.Leaves([gs[i] for i in proj], *(
+      [c[k] for c in state_c] for k in range(3)), [prevs[i] for i in proj])
+  leaves = _engine.update_projected(cfg, count, count_inc, frames, leaves)
 
   # Dense leaves: optax.scale_by_adam itself, on the tree whose projected
   # leaves are masked out, so its arithmetic is shared, not re-implemented.
@@ -280,14 +248,9 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
   out_u, out_mu, out_nu = (list(treedef.flatten_up_to(t)) for t in (
       dense_u, dense_state.mu, dense_state.nu))
   out_basis, out_prev = list(bases), list(prevs)
-
-  for j, (f, i, x) in enumerate(zip(frames, proj, xs)):
-    s, mu, nu = leaves.bases[j], leaves.mus[j], leaves.nus[j]
-    u, mu_new, nu_new, prev = _leaf_update(cfg, f, f.own(x), s, mu, nu,
-                                           prevs[i], count, count_inc)
-    out_u[i] = f.restore(u, gs[i].dtype)
-    out_mu[i], out_nu[i] = mu_new.astype(mu.dtype), nu_new.astype(nu.dtype)
-    out_basis[i], out_prev[i] = s, prev
+  for j, i in enumerate(proj):
+    out_u[i], out_basis[i], out_mu[i], out_nu[i], out_prev[i] = (
+        t[j] for t in leaves)
 
   new_state = SubTrackState(count_inc, *(treedef.unflatten(t) for t in (
       out_mu, out_nu, out_basis, out_prev)), plans=state.plans)

@@ -90,18 +90,29 @@ def _count_conds(jaxpr):
   return n
 
 
-@pytest.mark.parametrize("stagger,expected", [(False, 1), (True, 2)])
-def test_subspace_update_is_one_conditional_on_the_step_count(stagger,
-                                                              expected):
-  """One switch for all leaves (one per projected leaf with stagger)."""
+@pytest.mark.parametrize("stagger", [False, True])
+def test_subspace_update_is_one_conditional_per_group(stagger):
+  """One switch (first basis / refresh) per group of same-shape matrices,
+  shared by all of the group's leaves and batch slices, with or without
+  stagger; its predicate is a scalar (no batched select of bases)."""
   tx = st.subtrack(R, stagger=stagger)
   state = tx.init(PARAMS)
   jaxpr = jax.make_jaxpr(tx.update)(PARAMS, state).jaxpr
-  assert _count_conds(jaxpr) == expected
-  # The predicate is a scalar: no batched select of bases.
-  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
-  for e in conds:
+  # "w" (12, 20) and "scan" (3 x (10, 16)): two groups of one leaf each, so
+  # no switch picks a leaf; each group has its gate's switch.
+  assert _count_conds(jaxpr) == 2
+  for e in _conds(jaxpr):
     assert e.invars[0].aval.shape == ()
+
+
+def _conds(jaxpr):
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      out.append(eqn)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _conds(sub)
+  return out
 
 
 def test_no_recompilation_between_steps():

@@ -18,6 +18,7 @@ LAYERS = [
     ["_tracking", "_frame", "_state"],
     ["_equations"],
     ["_config"],
+    ["_step"],
     ["_engine"],
     ["_transform", "_partition_specs", "_diagnostics"],
     ["__init__"],

@@ -9,7 +9,8 @@ compiled with the state donated, as ``benchmarks/model_scale.py`` does:
 - the program's size grows with depth by at most a stated number of
   instructions per layer (the sweep's code is shared by same-shape leaves;
   a scanned model adds almost nothing per layer);
-- the compiled temporaries stay under a stated multiple of the largest leaf.
+- the compiled temporaries stay under a stated multiple of the largest leaf
+  and do not grow with depth.
 
 The bounds are the measured values (jax 0.10.2, CPU) with about 15% margin;
 ``benchmarks/model_scale.py`` prints the same figures next to optax galore's.
@@ -26,14 +27,17 @@ import pytest
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
                      "model_scale.py")
 
-# Measured (instructions per layer, tiny shapes): subtrack 2722, svd 2092,
-# scanned 177; optax galore 858, adamw 723.
-MAX_INSTRUCTIONS_PER_LAYER = {"subtrack": 3150, "subtrack/svd": 2450,
-                              "subtrack/scanned": 250}
-# Temporaries over the largest leaf's bytes (measured, 2 layers: tiny 7.4,
-# small 10.6; optax galore 1.9 and 3.1). Most of the excess is the clipped
-# gradients that XLA:CPU keeps live at once (docs/performance.md).
-MAX_TEMP_IN_LARGEST_LEAVES = 12.5
+# Measured (instructions added by the third layer, tiny shapes, jax
+# 0.10.2): subtrack 903, svd 903, scanned -144 (a scanned model does not
+# grow); optax galore 861, adamw 723. Measured between 2 and 3 layers: at 1
+# layer some groups have a single item and XLA removes their loops.
+MAX_INSTRUCTIONS_PER_LAYER = {"subtrack": 1050, "subtrack/svd": 1050,
+                              "subtrack/scanned": 100}
+# Temporaries over the largest leaf's bytes (measured, 2 layers: tiny 2.9,
+# small 5.1; optax galore 1.9 and 3.1): one matrix's temporaries at a time
+# (at these small shapes the fixed per-matrix buffers dominate; at the 60m
+# shapes ours are below galore's, docs/performance.md).
+MAX_TEMP_IN_LARGEST_LEAVES = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def test_concatenate_detector_sees_a_stacked_concatenate():
 def test_instructions_added_per_layer_are_bounded(bench, name):
   counts = [bench.hlo_instructions(_compiled(bench, "tiny", layers,
                                              name)[2].as_text())
-            for layers in (1, 2)]
+            for layers in (2, 3)]
   per_layer = counts[1] - counts[0]
   assert per_layer <= MAX_INSTRUCTIONS_PER_LAYER[name], per_layer
 
@@ -94,6 +98,17 @@ def test_temporaries_bounded_by_the_largest_leaf(bench, config):
   largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp <= MAX_TEMP_IN_LARGEST_LEAVES * largest, temp / largest
+
+
+def test_temporaries_do_not_grow_with_depth(bench):
+  """The sweep holds one matrix's temporaries at a time: 2 and 6 layers of
+  the same shapes need the same temporaries (to within one leaf)."""
+  temps = []
+  for layers in (2, 6):
+    _, params, compiled = _compiled(bench, "tiny", layers, "subtrack")
+    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  assert temps[1] - temps[0] <= largest, (temps, largest)
 
 
 def test_benchmark_smoke(bench, tmp_path):

@@ -62,9 +62,8 @@ def _grouped(keys) -> list[list[int]]:
   default concurrency-optimized schedule) writes every leaf's update, and
   whatever the chain applies to it next (a learning rate), in place of the
   leaf's gradient; in tree order it misses about half of them, and each
-  miss is a gradient-sized temporary (60m, 8 layers, ``chain(clip, ...,
-  scale)``: 37.5 MiB in tree order, 15.0 MiB reversed, independent of
-  depth; docs/performance.md). The order of the items changes no result.
+  miss is a gradient-sized temporary (60m tree, ``chain(clip, ...)``:
+  docs/performance.md). The order of the items changes no result.
   """
   by_key = {}
   for i, key in enumerate(keys):
@@ -208,8 +207,7 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
     key = jax.random.fold_in(jax.random.fold_in(
         root, jnp.asarray(hashes, jnp.uint32)[j]), batch)
     s, mu_t, nu_t = _step.subspace_step(
-        cfg, count, key, jnp.asarray(phase_of)[j],
-        frame.to_canonical(x.astype(jnp.float32)), s, mu, nu)
+        cfg, frame, count, key, jnp.asarray(phase_of)[j], x, s, mu, nu)
     sw, phi, mu_new, nu_new, prev_new = _step.regular_step(
         cfg, frame, x.astype(jnp.float32), s, mu_t, nu_t, prev, count,
         count_inc)

@@ -1,8 +1,8 @@
 """The update of one projected matrix: its subspace update, then its step.
 
-Everything here sees one matrix: its gradient (in its canonical frame ``X``,
-``d x D``, for the subspace update; as it lies, ``m x n``, for the regular
-step), its basis ``S`` (``d x r``, stored dtype), its moments (``r x D``)
+Everything here sees one matrix: its gradient as it lies (``m x n``; the
+subspace update forms its canonical frame ``X``, ``d x D``, inside its
+branch), its basis ``S`` (``d x r``, stored dtype), its moments (``r x D``)
 and its recovery norm; :mod:`subtrack_optax._engine` sweeps a model's
 matrices through :func:`subspace_step` and :func:`regular_step` one at a
 time.
@@ -131,14 +131,19 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
 # ---------------------------------------------------------- the two steps --
 
 
-def _first(cfg, x, s, mu, nu):
+def _canonical(frame, x):
+  return frame.to_canonical(x.astype(jnp.float32))
+
+
+def _first(cfg, frame, x, s, mu, nu):
   """Step 0: ``S = top_r SVD(X)`` (the moments are zero: nothing moves)."""
+  x = _canonical(frame, x)
   return _linalg.top_left_singular_vectors(x, cfg.rank).astype(s.dtype), mu, nu
 
 
-def _refresh(cfg, count, key, x, s, mu, nu):
+def _refresh(cfg, frame, count, key, x, s, mu, nu):
   """The mode's new basis, and the moments transported into it."""
-  item = REFRESH[cfg.subspace_update](cfg, count, key, x,
+  item = REFRESH[cfg.subspace_update](cfg, count, key, _canonical(frame, x),
                                       s.astype(jnp.float32))
   if cfg.transport is not None:
     rank1 = cfg.subspace_update == "grassmann"
@@ -150,18 +155,20 @@ def _refresh(cfg, count, key, x, s, mu, nu):
   return item.basis.astype(s.dtype), mu, nu
 
 
-def subspace_step(cfg, count: jax.Array, key: jax.Array, phase,
-                  x: jax.Array, s: jax.Array, mu: jax.Array,
-                  nu: jax.Array) -> tuple:
+def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
+                  key: jax.Array, phase, x: jax.Array, s: jax.Array,
+                  mu: jax.Array, nu: jax.Array) -> tuple:
   """The first basis (step 0) or a refresh (when due at ``phase``).
 
   Args:
     cfg: the transform's config.
+    frame: the matrix's orientation.
     count: the step count before this update.
     key: the matrix's key (``random`` mode).
     phase: the step at which this matrix's ``k``-step window starts (0
       without ``stagger``).
-    x: the matrix in its canonical frame ``X`` (``d x D``, float32).
+    x: the matrix as it lies (its canonical ``X`` is formed inside the
+      branch, so a regular step makes no transposed copy).
     s: its basis (stored dtype).
     mu: first moments (stored dtype).
     nu: second moments.
@@ -170,10 +177,11 @@ def subspace_step(cfg, count: jax.Array, key: jax.Array, phase,
     ``(S, M, V)``, unchanged on a step with nothing due.
   """
   idx = branch_index(count, phase, cfg.update_interval)
-  first = lambda x, s, mu, nu: _first(cfg, x, s, mu, nu)
+  first = lambda x, s, mu, nu: _first(cfg, frame, x, s, mu, nu)
   if cfg.subspace_update == "frozen":
     return run_if_due(jnp.where(idx == 1, 1, 0), [first], x, (s, mu, nu))
-  refresh = lambda x, s, mu, nu: _refresh(cfg, count, key, x, s, mu, nu)
+  refresh = lambda x, s, mu, nu: _refresh(cfg, frame, count, key, x, s, mu,
+                                          nu)
   return run_if_due(idx, [first, refresh], x, (s, mu, nu))
 
 

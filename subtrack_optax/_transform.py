@@ -146,15 +146,29 @@ def subtrack(
       basis_side=basis_side, dimension_numbers=dimension_numbers,
       basis_dtype=basis_dtype, mu_dtype=mu_dtype, seed=seed, stagger=stagger)
   dense_adam = optax.scale_by_adam(b1, b2, eps, mu_dtype=cfg.mu_dtype)
+  # Eager calls (outside any jit) reuse one compiled update per shapes.
+  eager = jax.jit(lambda updates, state: _update(cfg, dense_adam, updates,
+                                                 state))
 
   def init_fn(params):
     return _init(cfg, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    return _update(cfg, dense_adam, updates, state)
+    if _traced(cfg, updates, state):
+      return _update(cfg, dense_adam, updates, state)
+    return eager(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _traced(cfg: _config.Config, *trees) -> bool:
+  """Whether the update is being traced (inside a jit, grad, vmap, ...) or
+  takes traced hyperparameters (``optax.inject_hyperparams``)."""
+  hyper = (cfg.step_size, cfg.scale, cfg.b1, cfg.b2, cfg.eps,
+           cfg.norm_growth_limit)
+  return any(isinstance(x, jax.core.Tracer)
+             for x in jax.tree.leaves((trees, hyper)))
 
 
 def _init_leaf(cfg: _config.Config, plan: _plans.LeafPlan, param) -> tuple:

@@ -124,6 +124,31 @@ def test_no_recompilation_between_steps():
   assert update._cache_size() == 1
 
 
+def test_eager_update_compiles_once(monkeypatch):
+  """An un-jitted ``tx.update`` (a notebook's eager loop) traces and
+  compiles the update once per transform and shapes; later eager calls
+  reuse it, and give the jitted update's results exactly (issue 13.5)."""
+  from subtrack_optax import _transform  # pylint: disable=g-import-not-at-top
+  traces = []
+  original = _transform._update
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(_transform, "_update", counting)
+  tx = st.subtrack(R, update_interval=2)
+  state = tx.init(PARAMS)
+  eager = []
+  for t in range(4):  # first basis, regular, refresh, regular
+    u, state = tx.update(_grads(t), state, PARAMS)
+    eager.append(u)
+  assert len(traces) == 1
+  jitted, _ = _run(tx, 4)
+  for a, b in zip(eager, jitted):
+    chex.assert_trees_all_equal(a, b)
+
+
 def test_dense_leaves_identical_to_scale_by_adam():
   tx = _tx(R, 2)
   adam = optax.scale_by_adam()

@@ -201,8 +201,10 @@ def in_fresh_process(fn: str, *args, timeout: float = 1800) -> dict:
 # ---------------------------------------------------------------- timing --
 
 
-def time_steps(config: str, layers: int, names, repeats: int) -> dict:
-  """Ordinary, subspace-update and first steps, interleaved; medians (s)."""
+def time_steps(config: str, layers: int, names, repeats: int,
+               kinds=("ordinary", "update", "first")) -> dict:
+  """Ordinary, subspace-update and first steps (those in ``kinds``),
+  interleaved; medians (s)."""
   jax, _, _, _ = _imports()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   cfg = config_of(config, layers)
@@ -226,9 +228,10 @@ def time_steps(config: str, layers: int, names, repeats: int) -> dict:
       return jnp.asarray(value, x.dtype) if is_count else x
     return jax.tree_util.tree_map_with_path(f, state)
 
-  samples = {n: {"ordinary": [], "update": [], "first": []} for n in names}
-  counts = {"ordinary": cfg.update_interval + 1,
-            "update": cfg.update_interval, "first": 0}
+  samples = {n: {kind: [] for kind in kinds} for n in names}
+  counts = {kind: count for kind, count in (
+      ("ordinary", cfg.update_interval + 1), ("update", cfg.update_interval),
+      ("first", 0)) if kind in kinds}
   for _ in range(repeats):
     for kind, count in counts.items():
       for name in names:
@@ -243,7 +246,8 @@ def time_steps(config: str, layers: int, names, repeats: int) -> dict:
   k = cfg.update_interval
   for name, s in samples.items():
     med = {kind: statistics.median(v) for kind, v in s.items()}
-    med["amortized"] = ((k - 1) * med["ordinary"] + med["update"]) / k
+    if "ordinary" in med and "update" in med:
+      med["amortized"] = ((k - 1) * med["ordinary"] + med["update"]) / k
     out[name] = med
   return out
 
@@ -341,6 +345,8 @@ def parse_args(argv=None):
   p.add_argument("--rss", type=int, default=0,
                  help="steps of the example for the peak-RSS column")
   p.add_argument("--no-timing", action="store_true")
+  p.add_argument("--kinds", default="ordinary,update,first",
+                 help="steps to time, interleaved (e.g. 'ordinary' alone)")
   p.add_argument("--out", default=None)
   p.add_argument("--_call", nargs=2, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -366,7 +372,7 @@ def main(argv=None) -> dict:
       print(layers, name, json.dumps(r), flush=True)
     if not args.no_timing:
       times = in_fresh_process("time_steps", args.config, layers, names,
-                               args.repeats)
+                               args.repeats, args.kinds.split(","))
       for name, t in times.items():
         rows[str(layers)][name].update(t)
       print(layers, "times", json.dumps(times), flush=True)

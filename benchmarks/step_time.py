@@ -367,7 +367,7 @@ def hlo_audit(m: ModelShape, k: int) -> dict:
   # composed of the equations), to separate its temporaries from those of
   # the SVD / refresh branches, which the compiled update holds too.
   # pylint: disable=g-import-not-at-top
-  from subtrack_optax import _config, _frame, _transform
+  from subtrack_optax import _config, _equations, _frame, _step
   r = m.rank
   cfg = _config.Config.create(
       r, k, subspace_update="grassmann", step_size=0.5,
@@ -382,8 +382,9 @@ def hlo_audit(m: ModelShape, k: int) -> dict:
     one = jnp.ones([], jnp.int32)
     out = []
     for f, g, s, mu, nu in ((f1, g_wide, s1, m1, v1), (f2, g_tall, s2, m2, v2)):
-      out.append(_transform._leaf_update(cfg, f, g, s, mu, nu, 1.0, one,
-                                         one + 1))
+      sw, phi, mu, nu, prev = _step.regular_step(cfg, f, g, s, mu, nu, 1.0,
+                                                 one, one + 1)
+      out.append((_equations.add_recovery(f, sw, g, phi), mu, nu, prev))
     return tuple(out)
 
   z = lambda *sh: jnp.zeros(sh, jnp.float32)

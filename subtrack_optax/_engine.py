@@ -195,7 +195,7 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
       sw, phi, *state = new
       idx = batch_index(f, b)
       x = f.item_matrix(_index(arrays[0], idx))
-      u = _equations.add_recovery(frame, sw, x.astype(jnp.float32), phi)
+      u = _equations.add_recovery(f, sw, x.astype(jnp.float32), phi)
       values = (f.item_unmatrix(u.astype(x.dtype)), *state)
       return tuple(_update(a, idx, v) for a, v in zip(arrays, values))
     return set_

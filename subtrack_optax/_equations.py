@@ -5,7 +5,7 @@ in the canonical frame, ``S`` (``d x r``) the orthonormal basis, ``P = S^T
 X`` (``r x D``) the projection, ``M``/``V`` (``r x D``) Adam's moments, ``t``
 the step count. Everything is float32; the matrix ``g`` is taken as it lies
 (``(batch..., m, n)``, :class:`~subtrack_optax._frame.Frame`), never copied
-transposed. The update composes them (``_transform._leaf_update``):
+transposed. The update composes them (``_step.regular_step``):
 
 .. math::
 

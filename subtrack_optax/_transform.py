@@ -2,7 +2,8 @@
 
 ``update`` sends the projected leaves through the sweep of
 :mod:`subtrack_optax._engine` (each matrix's update is
-:func:`subtrack_optax._step.matrix_update`); dense leaves go through
+:func:`subtrack_optax._step.subspace_step` then
+:func:`subtrack_optax._step.regular_step`); dense leaves go through
 :func:`optax.scale_by_adam` itself.
 """
 

@@ -10,6 +10,7 @@ import optax
 from subtrack_optax import _frame
 from subtrack_optax import _linalg
 from subtrack_optax import _plans
+from subtrack_optax import _variables
 from subtrack_optax._state import SubTrackState
 
 __all__ = ["SubspaceDiagnostics", "subspace_diagnostics", "find_subtrack_state"]
@@ -54,17 +55,6 @@ def find_subtrack_state(opt_state: Any) -> SubTrackState:
         f"optimizer state, found {len(found)}; pass the state of the chain "
         "that contains one subtrack transform (or that SubTrackState itself)")
   return found[0]
-
-
-def _unwrap_variables(tree):
-  """Replaces Flax NNX variables (``nnx.Optimizer`` state, ``nnx.grad``
-  output) by their values; other trees are returned unchanged."""
-  nnx = sys.modules.get("flax.nnx")
-  if nnx is None:
-    return tree
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree.map(lambda v: v.get_value() if is_var(v) else v, tree,
-                      is_leaf=is_var)
 
 
 def _infer_rank(basis_tree) -> int:
@@ -206,10 +196,10 @@ def subspace_diagnostics(
     >>> sorted(d), d["['w']"].captured_energy.shape
     (["['w']"], ())
   """
-  grads = _unwrap_variables(grads)
-  st_state = _unwrap_variables(find_subtrack_state(state))
+  grads = _variables.unbox(grads)
+  st_state = _variables.unbox(find_subtrack_state(state))
   prev = (None if prev_state is None
-          else _unwrap_variables(find_subtrack_state(prev_state)))
+          else _variables.unbox(find_subtrack_state(prev_state)))
   plans = _resolve(grads, st_state, dimension_numbers, basis_side, rank)
   prev_basis = prev.basis if prev is not None else plans
 

@@ -4,28 +4,14 @@ from typing import Any, Optional
 
 import jax
 import optax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from subtrack_optax import _plans
 from subtrack_optax import _sharding
+from subtrack_optax import _variables
 from subtrack_optax._state import SubTrackState
 
 __all__ = ["partition_specs"]
-
-
-def _mesh_sizes(mesh, params) -> Optional[dict]:
-  """Mesh axis sizes: ``mesh``'s, the current mesh's, or the params' mesh."""
-  if mesh is not None:
-    return dict(mesh.shape)
-  current = jax.sharding.get_abstract_mesh()
-  if not current.empty:
-    return dict(current.shape)
-  for leaf in jax.tree.leaves(params):
-    s = getattr(leaf, "sharding", None)
-    if isinstance(s, NamedSharding):
-      return dict(s.mesh.shape)
-  return None
 
 
 def _is_spec(x) -> bool:
@@ -158,7 +144,7 @@ def partition_specs(tx: Any, params: Any, param_specs: Any, *,
     (P('data', 'model'), P('data', 'model'))
   """
   init = tx.init if hasattr(tx, "init") else tx
-  sizes = _mesh_sizes(mesh, params)
+  sizes = _variables.mesh_sizes(mesh, params)
   try:
     specs = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
   except Exception as e:  # pylint: disable=broad-except

@@ -19,6 +19,7 @@ from subtrack_optax import _engine
 from subtrack_optax import _frame
 from subtrack_optax import _plans
 from subtrack_optax import _sharding
+from subtrack_optax import _variables
 from subtrack_optax._config import STATIC_ARGS
 from subtrack_optax._config import SUBSPACE_UPDATES
 from subtrack_optax._state import MASKED
@@ -194,13 +195,22 @@ def _init_leaf(cfg: _config.Config, plan: _plans.LeafPlan, param) -> tuple:
 
 
 def _init(cfg: _config.Config, params) -> SubTrackState:
-  """Zero moments and bases, count 0, the leaf plans of ``params``."""
-  plans = cfg.plans(params)
+  """Zero moments and bases, count 0, the leaf plans of ``params``.
+
+  Parameters boxed in Flax NNX ``Variable`` objects (``nnx.Optimizer``) give a
+  state boxed alike, each box carrying its own leaf's partition spec
+  (:mod:`subtrack_optax._variables`).
+  """
+  arrays = _variables.unbox(params)
+  plans = cfg.plans(arrays)
   flat_plans, treedef = jax.tree.flatten(plans, is_leaf=_plans.is_plan)
   leaves = [_init_leaf(cfg, pl, p)
-            for pl, p in zip(flat_plans, treedef.flatten_up_to(params))]
-  mu, nu, basis, recovery = (treedef.unflatten(f) for f in zip(*leaves))
-  return SubTrackState(jnp.zeros([], jnp.int32), mu, nu, basis, recovery,
+            for pl, p in zip(flat_plans, treedef.flatten_up_to(arrays))]
+  fields = tuple(treedef.unflatten(f) for f in zip(*leaves))
+  if _variables.has_variables(params):
+    fields = _variables.rebox(params, flat_plans, fields,
+                              _variables.mesh_sizes(None, arrays))
+  return SubTrackState(jnp.zeros([], jnp.int32), *fields,
                        plans=_plans.Plans(treedef, tuple(flat_plans)))
 
 

@@ -315,7 +315,7 @@ def test_library_imports_with_its_declared_dependencies_only():
   # pyproject.toml declares jax, optax and numpy; test-only packages (chex,
   # hypothesis, flax ...) must not be needed to import and run the library,
   # as in the README's `pip install -e '.[examples]'`.
-  import subprocess  # pylint: disable=g-import-not-at-top
+  from tests import _monitor  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   code = (
       "import sys\n"
@@ -326,8 +326,7 @@ def test_library_imports_with_its_declared_dependencies_only():
       "p = {'w': jnp.ones((4, 6))}\n"
       "tx.update(p, tx.init(p), p)\n"
       "print('ok')\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=300, check=False)
+  out = _monitor.run([sys.executable, "-c", code])
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

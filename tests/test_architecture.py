@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "subtrack_optax"
 LAYERS = [
     ["_sharding"],                         # jax only
     ["_linalg", "_plans"],
-    ["_tracking", "_frame", "_state"],
+    ["_tracking", "_frame", "_state", "_variables"],
     ["_equations"],
     ["_config"],
     ["_step"],

@@ -9,7 +9,6 @@ saved, restored and continued must equal the uninterrupted run bit for bit
 
 import os
 import pickle
-import subprocess
 import sys
 import textwrap
 
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import subtrack_optax as st
+from tests import _monitor
 
 BEFORE, AFTER = 3, 3  # update_interval=2: refreshes at counts 2 and 4
 
@@ -238,11 +238,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_sharded_orbax_roundtrip_on_two_devices(tmp_path):
   env = dict(os.environ)  # the script appends the device count to XLA_FLAGS
-  try:
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "sharded")],
-        capture_output=True, text=True, timeout=240, env=env)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"sharded checkpoint subprocess timed out: {e}")
+  proc = _monitor.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "sharded")],
+      env=env)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "SHARDED_OK" in proc.stdout

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import jax
@@ -18,6 +17,7 @@ import _llama  # noqa: E402
 import pretrain_llama  # noqa: E402
 
 import subtrack_optax as st  # noqa: E402
+from tests import _monitor  # noqa: E402
 
 # Every in-process run uses this one configuration, so the training step is
 # compiled once for the whole file. update-interval 3 puts subspace updates at
@@ -165,8 +165,7 @@ def test_command_line_with_fsdp_mesh(tmp_path, adamw_run):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py")]
-  res = subprocess.run(cmd + ADAMW + ["--mesh", "auto"], capture_output=True,
-                       text=True, env=env, timeout=300, cwd=tmp_path)
+  res = _monitor.run(cmd + ADAMW + ["--mesh", "auto"], env=env, cwd=tmp_path)
   assert res.returncode == 0, res.stderr[-2000:]
   last = res.stdout.strip().splitlines()[-1]
   assert "eval loss" in last

@@ -2,17 +2,16 @@
 
 The multi-device checks run tests/_sharding_worker.py once, in a subprocess
 with 4 simulated CPU devices (the device count must be fixed before jax is
-imported) and a timeout, so a collective that hangs fails fast. The worker
-compiles each (mesh, mode) case once and reports measurements; the tests
+imported) under tests/_monitor.py, which fails a worker that stops making
+progress (no output, no CPU use), so a collective that hangs fails fast.
+The worker compiles each (mesh, mode) case once and reports measurements; the tests
 below assert on them. ``partition_specs`` itself is pure and is tested here
 in-process.
 """
 
-import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import jax
@@ -23,9 +22,9 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import subtrack_optax as st
+from tests import _monitor
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
-WORKER_TIMEOUT_S = 240
 CASES = [f"{m}:{mode}" for m in ("fsdp", "tp", "dp_tp")
          for mode in ("auto", "explicit")]
 LAPACK = re.compile(r"lapack|eigh|syevd|geqrf|orgqr|gesdd|svd|potrf|"
@@ -193,17 +192,7 @@ def test_partition_specs_two_subtracks_keep_their_own_plans():
 
 @pytest.fixture(scope="module")
 def report():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  try:
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env,
-                          capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"multi-device worker hung (> {WORKER_TIMEOUT_S} s); stderr "
-                f"tail:\n{(e.stderr or b'')[-3000:]}")
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _monitor.worker_report(WORKER)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -272,8 +261,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 def _run_example(*args):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, *args], env=env, capture_output=True,
-                        text=True, timeout=WORKER_TIMEOUT_S)
+  proc = _monitor.run([sys.executable, *args], env=env)
   assert proc.returncode == 0, proc.stderr[-5000:]
   return proc.stdout
 

@@ -14,9 +14,10 @@ Usage::
   python examples/pretrain_llama.py --config small --subspace-update svd   # GaLore (ours)
   python examples/pretrain_llama.py --config 60m --mesh auto --checkpoint-dir ckpt
 
-Every run prints a final line ``... eval loss X ...``; ``--out-dir`` gets
-``metrics.jsonl`` (one JSON record per line: ``config``, ``train``, ``eval``,
-``summary``) and ``loss.png``. With ``--checkpoint-dir`` the run saves (orbax)
+Every run prints a line ``... eval loss X ...``; the run directory
+(``--out-dir``; from the command line by default ``runs/CONFIG-OPTIMIZER-TIME``,
+printed at the end) gets ``metrics.jsonl`` (one JSON record per line:
+``config``, ``train``, ``eval``, ``summary``) and ``loss.png``. With ``--checkpoint-dir`` the run saves (orbax)
 every ``--checkpoint-every`` steps and at the end, and resumes from the latest
 checkpoint there; batches are a function of ``(seed, step)`` and the training
 step is deterministic, so a resumed run continues exactly as an uninterrupted
@@ -31,7 +32,6 @@ lets repeated calls of :func:`main` in one process reuse compiled steps.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -44,6 +44,12 @@ from typing import Any, Optional, Sequence
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
+
+import _cli  # noqa: E402  (no jax)
+
+if __name__ == "__main__":
+  # --help and argument errors exit here, before jax is imported.
+  _cli.parse_args(sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -59,119 +65,7 @@ import subtrack_optax as st  # noqa: E402
 
 __all__ = ["build_parser", "main", "make_optimizer", "Run"]
 
-OPTIMIZERS = ("adamw", "galore", "subtrack")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows defaults, except ``None``/``False`` ones (explained in the help)."""
-
-  def _get_help_string(self, action):
-    if action.default is None or action.default is False or not action.help:
-      return action.help or ""
-    return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-  """The command line of the example."""
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
-  g = p.add_argument_group("run")
-  g.add_argument("--config", default="tiny", choices=list(_llama.CONFIGS),
-                 help="model size (tiny, small: CPU; the rest: the paper's)")
-  g.add_argument("--optimizer", default="subtrack", choices=OPTIMIZERS,
-                 help="subtrack: SubTrack++ (subtrack_optax); galore: "
-                 "optax.contrib.galore; adamw: optax.adamw")
-  g.add_argument("--steps", type=int, default=None,
-                 help="training steps (default: the config's)")
-  g.add_argument("--batch-size", type=int, default=None,
-                 help="sequences per step (default: the config's)")
-  g.add_argument("--seq-len", type=int, default=None,
-                 help="tokens (bytes) per sequence (default: the config's)")
-  g.add_argument("--seed", type=int, default=0,
-                 help="model init and data order")
-  g.add_argument("--compute-dtype", default="float32",
-                 choices=("float32", "bfloat16"),
-                 help="activation dtype; parameters and optimizer state stay "
-                 "float32")
-  g = p.add_argument_group("data")
-  g.add_argument("--data", default=None,
-                 help="a text file or folder (default: the Python standard "
-                 "library's sources and docs)")
-  g.add_argument("--corpus-mb", type=float, default=16.0,
-                 help="cap of the train split in MB")
-  g.add_argument("--eval-batches", type=int, default=8,
-                 help="batches of held-out windows in each evaluation")
-  g.add_argument("--eval-every", type=int, default=0,
-                 help="evaluate every N steps (0: only at the end)")
-  g = p.add_argument_group("schedule")
-  g.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate (default: the config's)")
-  g.add_argument("--warmup", type=float, default=0.1,
-                 help="warmup steps; a value < 1 is a fraction of --steps")
-  g.add_argument("--min-lr-ratio", type=float, default=0.1,
-                 help="final lr of the cosine decay, relative to --lr")
-  g.add_argument("--clip", type=float, default=1.0,
-                 help="global-norm gradient clipping (0: off)")
-  g.add_argument("--weight-decay", type=float, default=0.0,
-                 help="decoupled weight decay")
-  g.add_argument("--b1", type=float, default=0.9, help="Adam's beta1")
-  g.add_argument("--b2", type=float, default=0.999, help="Adam's beta2")
-  g = p.add_argument_group("low rank (galore and subtrack)")
-  g.add_argument("--rank", type=int, default=None,
-                 help="projection rank (default: the config's, hidden/4)")
-  g.add_argument("--update-interval", type=int, default=None,
-                 help="steps between subspace updates (default: the config's)")
-  g.add_argument("--scale", type=float, default=0.25,
-                 help="scale of the back-projected update")
-  g = p.add_argument_group("subtrack")
-  g.add_argument("--subspace-update", default="grassmann",
-                 choices=st.SUBSPACE_UPDATES,
-                 help="grassmann: SubTrack tracking; svd: GaLore; random: "
-                 "GoLore; frozen: keep the first basis")
-  g.add_argument("--step-size", type=float, default=None,
-                 help="geodesic step size (default: subtrack's)")
-  g.add_argument("--raw-step", action="store_true",
-                 help="normalize_tracking=False: the paper's raw step")
-  g.add_argument("--no-transport", action="store_true",
-                 help="transport_moments=False")
-  g.add_argument("--transport", default="ldadam",
-                 choices=("ldadam", "debiased", "reference"),
-                 help="the form of the moment transport (transport_moments)")
-  g.add_argument("--no-recovery", action="store_true",
-                 help="recovery_scaling=False")
-  g.add_argument("--recovery", default="orthogonal",
-                 choices=("orthogonal", "reference"),
-                 help="the recovery residual: X - S S^T X (orthogonal) or "
-                 "the reference code's X - scale S S^T X")
-  g.add_argument("--norm-growth-limit", type=float, default=1.01,
-                 help="max growth per step of the recovery term's norm")
-  g.add_argument("--basis-side", default="small", choices=("small", "large"),
-                 help="which side of each matrix the basis spans")
-  g.add_argument("--stagger", action="store_true",
-                 help="per-leaf phases of the subspace updates")
-  g.add_argument("--no-diagnostics", action="store_true",
-                 help="do not compute captured energy / rotation angles")
-  g = p.add_argument_group("devices, checkpoints, output")
-  g.add_argument("--mesh", default="none",
-                 help="'none' (one device), 'auto' (FSDP over all devices) "
-                 "or 'DATAxFSDP', e.g. '2x4'")
-  g.add_argument("--checkpoint-dir", default=None,
-                 help="orbax checkpoints: saved here, resumed from here")
-  g.add_argument("--checkpoint-every", type=int, default=0,
-                 help="save every N steps (0: only at the end)")
-  g.add_argument("--stop-after", type=int, default=None,
-                 help="stop (and checkpoint) after this many steps, as if "
-                 "preempted; --steps still sets the schedule")
-  g.add_argument("--out-dir", default=None,
-                 help="write metrics.jsonl and loss.png here")
-  g.add_argument("--log-every", type=int, default=10,
-                 help="steps between syncs to the host (diagnostics records, "
-                 "progress bar)")
-  g.add_argument("--no-plot", action="store_true", help="no loss.png")
-  g.add_argument("--no-progress", action="store_true",
-                 help="no tqdm progress bar")
-  return p
-
+build_parser = _cli.build_parser
 
 # --------------------------------------------------------------------------
 # Optimizers.
@@ -543,7 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     "params", "diagnostics" (last captured energy / rotation angle per leaf),
     ...}``.
   """
-  args = build_parser().parse_args(argv)
+  args = _cli.parse_args(argv)
+  out_dir = _cli.run_dir(args, command_line=argv is None)
   cfg = _llama.CONFIGS[args.config]
   steps = args.steps if args.steps is not None else cfg.steps
   batch_size = args.batch_size or cfg.batch_size
@@ -567,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   params, opt_state = jax.device_put((params, opt_state), run.placement)
   stop = steps if args.stop_after is None else min(steps, args.stop_after)
 
-  writer = _Writer(args.out_dir, start)
+  writer = _Writer(out_dir, start)
   n_params = _tree_bytes(run.abstract[0]) // 4
   state_bytes = _tree_bytes(run.abstract[1])
   if start == 0:
@@ -580,6 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   print(f"{args.config}: {n_params / 1e6:.2f}M params, optimizer "
         f"{args.optimizer} (state {state_bytes / 2**20:.2f} MiB), "
         f"{batch_size}x{seq_len} tokens/step, {corpus!r}")
+  if args.optimizer == "subtrack" and start == 0:
+    print(st.list_leaves(run.tx, run.abstract[0]))  # each leaf: how and why
 
   schedule = schedule_of(spec)
   lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max(stop, 1))))
@@ -607,8 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if step_i % args.log_every == 0 or step_i == stop:
           rec["captured_energy"] = dict(last_energy)
           rec["rotation_angle"] = dict(last_angle)
-          rec["captured_energy_mean"] = float(np.mean(list(
-              last_energy.values())))
+          if last_energy:
+            rec["captured_energy_mean"] = float(np.mean(list(
+                last_energy.values())))
       writer.write(rec)
     pending.clear()
 
@@ -660,14 +558,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              "captured_energy": dict(last_energy),
              "rotation_angle": dict(last_angle)}
   writer.write({"type": "summary", **summary})
-  if args.out_dir and not args.no_plot:
-    plot_losses(os.path.join(args.out_dir, "loss.png"),
+  if out_dir and not args.no_plot:
+    plot_losses(os.path.join(out_dir, "loss.png"),
                 writer.records("train"), writer.records("eval"),
                 f"{args.config} / {args.optimizer}")
   if last_energy:
     print(f"captured gradient energy (mean over projected leaves): "
           f"{np.mean(list(last_energy.values())):.3f}; last rotation angle "
           f"(max): {max(last_angle.values(), default=0.0):.4f} rad")
+  if out_dir:
+    print(f"run directory: {out_dir} (metrics.jsonl"
+          f"{'' if args.no_plot else ', loss.png'})", flush=True)
   print(f"step {stop}: eval loss {eval_loss:.4f} "
         f"({eval_loss / math.log(2):.3f} bits/byte), train loss "
         f"{losses[-1] if losses else float('nan'):.4f}, "

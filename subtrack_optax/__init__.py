@@ -10,6 +10,9 @@ from subtrack_optax._config import STATIC_ARGS as STATIC_ARGS
 from subtrack_optax._config import SUBSPACE_UPDATES as SUBSPACE_UPDATES
 from subtrack_optax._diagnostics import SubspaceDiagnostics as SubspaceDiagnostics
 from subtrack_optax._diagnostics import subspace_diagnostics as subspace_diagnostics
+from subtrack_optax._leaves import LeafInfo as LeafInfo
+from subtrack_optax._leaves import LeafList as LeafList
+from subtrack_optax._leaves import list_leaves as list_leaves
 from subtrack_optax._partition_specs import partition_specs as partition_specs
 from subtrack_optax._plans import SubTrackDimensionNumbers as SubTrackDimensionNumbers
 from subtrack_optax._state import SubTrackState as SubTrackState
@@ -20,12 +23,15 @@ from subtrack_optax._transform import subtrack_adamw as subtrack_adamw
 __version__ = "0.1.0"
 
 __all__ = [
+    "LeafInfo",
+    "LeafList",
     "SubTrackDimensionNumbers",
     "SubTrackState",
     "STATIC_ARGS",
     "SUBSPACE_UPDATES",
     "SubspaceDiagnostics",
     "grassmann_step",
+    "list_leaves",
     "partition_specs",
     "subtrack",
     "subtrack_adamw",

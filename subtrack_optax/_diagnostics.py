@@ -1,6 +1,5 @@
 """Diagnostics of the tracked subspaces: captured energy and rotation angle."""
 
-import sys
 from typing import Any, NamedTuple, Optional
 
 import jax

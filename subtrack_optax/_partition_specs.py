@@ -1,6 +1,6 @@
 """``partition_specs``: the sharding of a whole optimizer state on a mesh."""
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax

@@ -11,7 +11,7 @@ pytree) and :class:`Plans` carries a whole tree of them in the state.
 import dataclasses
 import math
 import zlib
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ __all__ = [
     "Plans",
     "is_plan",
     "resolve_plans",
+    "dense_warning",
 ]
 
 AxisSpec = Union[int, Sequence[int]]
@@ -72,6 +73,10 @@ class LeafPlan:
   n: int = 0
   basis_on_reduction: bool = True
   rank: int = 0
+  # Not part of the geometry (equality, hashing): why a leaf is dense, and
+  # whether the user's dimension_numbers named this leaf a matrix.
+  why: str = dataclasses.field(default="", compare=False)
+  named: bool = dataclasses.field(default=False, compare=False)
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
@@ -130,13 +135,17 @@ def _leaf_plan(path: str, leaf, spec, rank: int, basis_side: str,
         f"subtrack got leaf {path} of dtype {dtype}: only floating (and "
         "complex, treated as dense) leaves are supported; mask integer leaves "
         "out with optax.masked or optax.partition")
-  dense = LeafPlan(path=path, shape=shape, projected=False)
+  dense = lambda why: LeafPlan(path=path, shape=shape, projected=False,
+                               why=why, named=strict and spec is not None)
   # Complex leaves and empty ones (a zero-size axis) get dense Adam.
-  if (spec is None or jnp.issubdtype(dtype, jnp.complexfloating)
-      or 0 in shape):
-    return dense
+  if spec is None:
+    return dense("dimension_numbers: dense")
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return dense("complex dtype")
+  if 0 in shape:
+    return dense("empty")
   if not strict and len(shape) < 2:
-    return dense
+    return dense("not a matrix")
   ndim = len(shape)
   red = _axes(spec.reduction_axis, ndim, "reduction_axis", path)
   out = _axes(spec.output_axis, ndim, "output_axis", path)
@@ -148,14 +157,14 @@ def _leaf_plan(path: str, leaf, spec, rank: int, basis_side: str,
   m = math.prod(shape[a] for a in red)
   n = math.prod(shape[a] for a in out)
   if min(m, n) <= rank:
-    return dense
+    return dense(f"{m} x {n} matrix, a side <= rank {rank}")
   if basis_side == "small":
     on_red = m <= n
   else:
     on_red = m >= n
   return LeafPlan(path=path, shape=shape, projected=True, batch_axes=batch,
                   reduction_axes=red, output_axes=out, m=m, n=n,
-                  basis_on_reduction=on_red, rank=rank)
+                  basis_on_reduction=on_red, rank=rank, named=strict)
 
 
 def resolve_plans(tree, dimension_numbers, rank: int, basis_side: str):
@@ -246,3 +255,22 @@ class Plans:
   def __repr__(self) -> str:
     n = sum(pl.projected for pl in self.leaves)
     return f"Plans({len(self.leaves)} leaves, {n} projected)"
+
+
+def dense_warning(leaves: Sequence[LeafPlan]) -> Optional[str]:
+  """What to warn about when nothing is projected, or when leaves that the
+  user's ``dimension_numbers`` named as matrices are dense; else ``None``."""
+  if not leaves:
+    return None
+  if not any(pl.projected for pl in leaves):
+    why = sorted({pl.why for pl in leaves})
+    return (f"subtrack: none of the {len(leaves)} parameter leaves is "
+            f"projected, each gets plain Adam ({'; '.join(why)[:300]}); "
+            "lower rank, or check dimension_numbers")
+  named = [pl for pl in leaves if pl.named and not pl.projected]
+  if not named:
+    return None
+  listed = ", ".join(f"{pl.path} ({pl.why})" for pl in named[:8])
+  more = f" and {len(named) - 8} more" if len(named) > 8 else ""
+  return (f"subtrack: dimension_numbers names {len(named)} leaves as "
+          f"matrices but they get plain Adam: {listed}{more}")

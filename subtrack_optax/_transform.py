@@ -7,6 +7,9 @@
 :func:`optax.scale_by_adam` itself.
 """
 
+import os
+import sys
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -207,11 +210,25 @@ def _init(cfg: _config.Config, params) -> SubTrackState:
   leaves = [_init_leaf(cfg, pl, p)
             for pl, p in zip(flat_plans, treedef.flatten_up_to(arrays))]
   fields = tuple(treedef.unflatten(f) for f in zip(*leaves))
+  warning = _plans.dense_warning(flat_plans)
+  if warning:
+    warnings.warn(warning, UserWarning, stacklevel=_user_stacklevel())
   if _variables.has_variables(params):
     fields = _variables.rebox(params, flat_plans, fields,
                               _variables.mesh_sizes(None, arrays))
   return SubTrackState(jnp.zeros([], jnp.int32), *fields,
                        plans=_plans.Plans(treedef, tuple(flat_plans)))
+
+
+def _user_stacklevel() -> int:
+  """``stacklevel`` of the first caller outside subtrack_optax, optax and
+  jax (a warning then points at the user's ``init`` call)."""
+  libraries = tuple(os.path.dirname(m.__file__) for m in (jax, optax)) + (
+      os.path.dirname(__file__),)
+  frame, level = sys._getframe(1), 1  # pylint: disable=protected-access
+  while frame is not None and frame.f_code.co_filename.startswith(libraries):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def _check_state_matches(flat_plans, state: SubTrackState) -> None:

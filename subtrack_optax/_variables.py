@@ -17,7 +17,7 @@ been imported, so it is looked up in ``sys.modules``.
 """
 
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import optax

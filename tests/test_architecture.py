@@ -20,7 +20,7 @@ LAYERS = [
     ["_config"],
     ["_step"],
     ["_engine"],
-    ["_transform", "_partition_specs", "_diagnostics"],
+    ["_transform", "_partition_specs", "_diagnostics", "_leaves"],
     ["__init__"],
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
+import _cli  # noqa: E402
 import _data  # noqa: E402
 import _llama  # noqa: E402
 import pretrain_llama  # noqa: E402
@@ -35,7 +36,12 @@ def _equal_trees(a, b):
 
 def test_tiny_run_logs_and_prints_eval_loss(tmp_path, capsys):
   out = pretrain_llama.main(BASE + ["--out-dir", str(tmp_path)])
-  lines = capsys.readouterr().out.strip().splitlines()
+  printed = capsys.readouterr().out
+  lines = printed.strip().splitlines()
+  # The leaf table (st.list_leaves): every leaf, how it is handled and why.
+  assert "14 of 21 leaves projected" in printed
+  assert "['embed']['embedding']" in printed
+  assert "dense: dimension_numbers" in printed
   assert "eval loss" in lines[-1]
   assert f"{out['eval_loss']:.4f}" in lines[-1]
   # It learned something: below the loss of a uniform byte distribution.
@@ -171,3 +177,45 @@ def test_command_line_with_fsdp_mesh(tmp_path, adamw_run):
   assert "eval loss" in last
   loss = float(last.split("eval loss")[1].split()[0])
   np.testing.assert_allclose(loss, adamw_run["eval_loss"], atol=2e-4)
+  # From the command line the run leaves its records in a default run
+  # directory, and says where.
+  runs = list((tmp_path / "runs").iterdir())
+  assert len(runs) == 1 and runs[0].name.startswith("tiny-adamw-")
+  assert {"metrics.jsonl", "loss.png"} <= {p.name for p in runs[0].iterdir()}
+  assert f"run directory: runs/{runs[0].name}" in res.stdout
+
+
+def test_subspace_update_choices_match_the_library():
+  assert _cli.SUBSPACE_UPDATES == st.SUBSPACE_UPDATES
+
+
+@pytest.fixture(scope="module")
+def no_jax(tmp_path_factory):
+  """A PYTHONPATH on which importing jax fails loudly."""
+  root = tmp_path_factory.mktemp("no_jax")
+  (root / "jax").mkdir()
+  (root / "jax" / "__init__.py").write_text(
+      "raise ImportError('jax was imported')\n")
+  return dict(os.environ, PYTHONPATH=str(root))
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--steps", "0"), ("--rank", "0"), ("--rank", "-3"), ("--lr", "0"),
+    ("--lr", "-1e-3"), ("--batch-size", "0"), ("--b2", "1"),
+])
+def test_argument_errors_come_before_jax(no_jax, flag, value):
+  cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py"),
+         f"{flag}={value}"]
+  res = _monitor.run(cmd, env=no_jax)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert f"error: {flag} must be" in res.stderr, res.stderr[-2000:]
+  assert "jax was imported" not in res.stderr
+
+
+def test_help_comes_before_jax(no_jax):
+  cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py"),
+         "--help"]
+  res = _monitor.run(cmd, env=no_jax)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "--out-dir" in res.stdout and "runs/CONFIG-OPTIMIZER-TIME" in res.stdout
+

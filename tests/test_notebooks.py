@@ -61,6 +61,7 @@ def _run(name, kernel_name):
 def test_quickstart(kernel_name):
   text, images = _run("quickstart.ipynb", kernel_name)
   assert "optimizer state: SubTrack++" in text
+  assert "leaves projected" in text                     # st.list_leaves
   assert "subtrack++  final loss" in text and "adamw       final loss" in text
   assert images >= 1
 
@@ -70,3 +71,63 @@ def test_pretrain_llama(kernel_name):
   assert text.count("eval loss") >= 3          # one final line per optimizer
   assert "captured energy" in text
   assert images >= 1
+
+
+# ------------------------------------------- the install cell (issue 13.9) --
+
+
+def _install_cell(name):
+  nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  cell = next(c for c in nb.cells if c.cell_type == "code")
+  assert "find_spec(\"subtrack_optax\")" in cell.source
+  return cell.source
+
+
+class _Shell:
+  """Records the %pip lines a cell runs instead of running them."""
+
+  def __init__(self):
+    self.pip = []
+
+  def run_line_magic(self, name, line, _stack_depth=1):
+    """Expands ``{expr}`` in the caller's namespace, as IPython does."""
+    from IPython.utils.text import DollarFormatter  # pylint: disable=g-import-not-at-top
+    assert name == "pip"
+    frame = sys._getframe(_stack_depth)  # pylint: disable=protected-access
+    namespace = {**frame.f_globals, **frame.f_locals}
+    self.pip.append(DollarFormatter().vformat(line, (), namespace))
+
+
+def _run_install_cell(source, cwd, monkeypatch, source_env=""):
+  """Runs ``source`` as IPython would, as if subtrack_optax were missing."""
+  from IPython.core.inputtransformer2 import TransformerManager  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+      importlib.util, "find_spec",
+      lambda n, *a: None if n == "subtrack_optax" else real(n, *a))
+  monkeypatch.chdir(cwd)
+  monkeypatch.setenv("SUBTRACK_OPTAX_SOURCE", source_env)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  shell = _Shell()
+  code = TransformerManager().transform_cell(source)
+  exec(code, {"get_ipython": lambda: shell})  # pylint: disable=exec-used
+  return shell.pip
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "pretrain_llama.ipynb"])
+def test_install_cell_installs_the_checkout(name, monkeypatch):
+  pip = _run_install_cell(_install_cell(name), NOTEBOOKS, monkeypatch)
+  assert pip == [f'install -q -e "{ROOT}[examples]"']
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "pretrain_llama.ipynb"])
+def test_install_cell_outside_a_checkout(name, monkeypatch, tmp_path):
+  source = _install_cell(name)
+  url = "git+https://example.invalid/subtrack-optax.git"
+  assert _run_install_cell(source, tmp_path, monkeypatch, url) == [
+      f'install -q "subtrack-optax[examples] @ {url}"']
+  assert _run_install_cell(source, tmp_path, monkeypatch, "/src/st") == [
+      'install -q "/src/st[examples]"']
+  with pytest.raises(RuntimeError, match="SOURCE"):
+    _run_install_cell(source, tmp_path, monkeypatch)

@@ -6,7 +6,6 @@ the tests share compilations.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp

@@ -18,10 +18,9 @@ SUBSPACE_UPDATES = ("grassmann", "svd", "random", "frozen")
 BASIS_SIDES = ("small", "large")
 # Arguments that fix shapes or Python control flow; pass them as
 # ``static_args`` to ``optax.inject_hyperparams``.
-STATIC_ARGS = ("rank", "update_interval", "subspace_update",
-               "normalize_tracking", "transport_moments", "recovery_scaling",
-               "basis_side", "dimension_numbers", "basis_dtype", "mu_dtype",
-               "seed", "stagger")
+STATIC_ARGS = ("rank", "subspace_update", "normalize_tracking",
+               "transport_moments", "recovery_scaling", "basis_side",
+               "dimension_numbers", "basis_dtype", "mu_dtype", "stagger")
 
 
 def _is_real_number(x) -> bool:
@@ -56,6 +55,21 @@ def _positive_int(name, value):
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
       or value <= 0):
     raise ValueError(f"subtrack: {name} must be a positive int, got {value!r}")
+
+
+def _int_hyperparameter(name, value, minimum: int):
+  """A Python int ``>= minimum``, or an integer scalar array (traced, from
+  ``optax.inject_hyperparams``; it only enters scalar arithmetic)."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value),
+                                                  jnp.integer):
+      raise TypeError(f"subtrack: {name} must be an int or an integer "
+                      f"scalar array, got {value!r}")
+    return
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < minimum):
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"subtrack: {name} must be {what}, got {value!r}")
 
 
 def _choice(name, value, choices):
@@ -144,7 +158,7 @@ class Config:
              stagger) -> "Config":
     """Validates every option (errors name the argument) and builds it."""
     _positive_int("rank", rank)
-    _positive_int("update_interval", update_interval)
+    _int_hyperparameter("update_interval", update_interval, 1)
     _choice("subspace_update", subspace_update, SUBSPACE_UPDATES)
     _choice("basis_side", basis_side, BASIS_SIDES)
     _check("step_size", step_size, lambda v: 0 <= v < float("inf"),
@@ -154,9 +168,7 @@ class Config:
     _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
     _check("eps", eps, lambda v: 0 <= v < float("inf"), "finite and >= 0")
     _check("norm_growth_limit", norm_growth_limit, lambda v: v >= 1, ">= 1")
-    _static("seed", seed)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-      raise ValueError(f"subtrack: seed must be an int, got {seed!r}")
+    _int_hyperparameter("seed", seed, -2**31)
     _check_dimension_numbers(dimension_numbers)
     _check_dtype("basis_dtype", basis_dtype)
     if mu_dtype is not None:

@@ -21,6 +21,8 @@ nothing otherwise) and then :func:`~subtrack_optax._step.regular_step`:
   depth, and nothing is concatenated or stacked.
 """
 
+import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -153,6 +155,47 @@ def _tables(frames: Sequence[_frame.Frame]) -> tuple:
   return sizes, leaf_of, batch_of
 
 
+def _get(f: _frame.Frame, arrays: tuple, b: jax.Array) -> tuple:
+  """Item ``b`` of a leaf: its matrix as it lies, and its state."""
+  idx = batch_index(f, b)
+  g, *state = (_index(a, idx) for a in arrays)
+  return (f.item_matrix(g), *state)
+
+
+def _set(f: _frame.Frame, arrays: tuple, b: jax.Array, new: tuple) -> tuple:
+  """``arrays`` with item ``b``'s update written over its gradient and its
+  new state over its state.
+
+  The update's last, elementwise part is formed here, from the gradient in
+  ``arrays``, where it is written: XLA fuses it with the write (no copy of
+  ``U``; inside the sweep's loop it is not loop-invariant).
+  """
+  sw, phi, *state = new
+  idx = batch_index(f, b)
+  x = f.item_matrix(_index(arrays[0], idx))
+  u = _equations.add_recovery(f, sw, x.astype(jnp.float32), phi)
+  values = (f.item_unmatrix(u.astype(x.dtype)), *state)
+  return tuple(_update(a, idx, v) for a, v in zip(arrays, values))
+
+
+def _item_step(cfg, frame: _frame.Frame, count, count_inc, key, phase,
+               item: tuple, differentiable: bool = False) -> tuple:
+  """One matrix: its subspace step, then its regular step; returns what
+  :func:`_set` writes (``SW, phi`` and the new state, stored dtypes)."""
+  x, s, mu, nu, prev = item
+  s, mu_t, nu_t = _step.subspace_step(cfg, frame, count, key, phase, x, s,
+                                      mu, nu, differentiable)
+  sw, phi, mu_new, nu_new, prev_new = _step.regular_step(
+      cfg, frame, x.astype(jnp.float32), s, mu_t, nu_t, prev, count,
+      count_inc)
+  return (sw, phi, s, mu_new.astype(mu.dtype), nu_new.astype(nu.dtype),
+          prev_new.astype(jnp.float32))
+
+
+def _item_key(root: jax.Array, path_hash, batch) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(root, path_hash), batch)
+
+
 def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
                 frames: Sequence[_frame.Frame], phases: Sequence[int],
                 leaves: Leaves) -> Leaves:
@@ -177,43 +220,22 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
   """
   sizes, leaf_of, batch_of = _tables(frames)
   hashes = np.repeat([f.plan.path_hash for f in frames], sizes)
-  phase_of = np.repeat(np.asarray(phases, np.int32), sizes)
+  # Phases are Python ints (a constant table), or traced if update_interval
+  # is injected (optax.inject_hyperparams).
+  phase_of = (np.repeat(np.asarray(phases, np.int32), sizes)
+              if all(isinstance(p, int) for p in phases) else
+              jnp.repeat(jnp.asarray(phases, jnp.int32), np.asarray(sizes)))
   root, frame = jax.random.key(cfg.seed), frames[0]
-
-  def getter(f, arrays):
-    def get(b):
-      idx = batch_index(f, b)
-      g, *state = (_index(a, idx) for a in arrays)
-      return (f.item_matrix(g), *state)
-    return get
-
-  def setter(f):
-    def set_(arrays, b, new):
-      # The update's last, elementwise part is formed here, from the
-      # gradient in the carry, where it is written: XLA fuses it with the
-      # write (no copy of U; inside this loop it is not loop-invariant).
-      sw, phi, *state = new
-      idx = batch_index(f, b)
-      x = f.item_matrix(_index(arrays[0], idx))
-      u = _equations.add_recovery(f, sw, x.astype(jnp.float32), phi)
-      values = (f.item_unmatrix(u.astype(x.dtype)), *state)
-      return tuple(_update(a, idx, v) for a, v in zip(arrays, values))
-    return set_
 
   def body(j, carry):
     leaf, batch = jnp.asarray(leaf_of)[j], jnp.asarray(batch_of)[j]
-    x, s, mu, nu, prev = pick([getter(f, a) for f, a in zip(frames, carry)],
-                              leaf, batch)
-    key = jax.random.fold_in(jax.random.fold_in(
-        root, jnp.asarray(hashes, jnp.uint32)[j]), batch)
-    s, mu_t, nu_t = _step.subspace_step(
-        cfg, frame, count, key, jnp.asarray(phase_of)[j], x, s, mu, nu)
-    sw, phi, mu_new, nu_new, prev_new = _step.regular_step(
-        cfg, frame, x.astype(jnp.float32), s, mu_t, nu_t, prev, count,
-        count_inc)
-    new = (sw, phi, s, mu_new.astype(mu.dtype), nu_new.astype(nu.dtype),
-           prev_new.astype(jnp.float32))
-    return put([setter(f) for f in frames], carry, leaf, batch, new)
+    item = pick([functools.partial(_get, f, a) for f, a in zip(frames, carry)],
+                leaf, batch)
+    key = _item_key(root, jnp.asarray(hashes, jnp.uint32)[j], batch)
+    new = _item_step(cfg, frame, count, count_inc, key,
+                     jnp.asarray(phase_of)[j], item)
+    return put([functools.partial(_set, f) for f in frames], carry, leaf,
+               batch, new)
 
   carry = tuple((f.ordered(g), s, mu, nu, p) for f, g, s, mu, nu, p in
                 zip(frames, *leaves))
@@ -222,12 +244,66 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
                 *([c[k] for c in carry] for k in range(1, 5)))
 
 
+def sweep_unrolled(cfg, count: jax.Array, count_inc: jax.Array,
+                   frames: Sequence[_frame.Frame], phases: Sequence[int],
+                   leaves: Leaves) -> Leaves:
+  """The same update as the groups' sweeps, each item traced on its own
+  and no loop or 0/1-trip gate anywhere (see
+  :func:`~subtrack_optax._step.subspace_step`'s ``differentiable``): the
+  form whose derivatives :func:`update_projected` returns (reverse-mode
+  autodiff cannot go through a ``while_loop``)."""
+  root = jax.random.key(cfg.seed)
+  out = Leaves([], [], [], [], [])
+  for f, phase, g, s, mu, nu, p in zip(frames, phases, *leaves):
+    arrays = (f.ordered(g), s, mu, nu, p)
+    for b in range(math.prod(f.plan.batch_shape)):
+      b = jnp.int32(b)
+      key = _item_key(root, jnp.uint32(f.plan.path_hash), b)
+      new = _item_step(cfg, f, count, count_inc, key, phase,
+                       _get(f, arrays, b), differentiable=True)
+      arrays = _set(f, arrays, b, new)
+    for t, a in zip(out, (f.unordered(arrays[0]), *arrays[1:])):
+      t.append(a)
+  return out
+
+
+def _sweeps(cfg, count, count_inc, frames, phases, leaves) -> Leaves:
+  """Every group's sweep (:func:`sweep_group`), results in leaf order."""
+  out = Leaves(*(list(t) for t in leaves))
+  for members in group_leaves(frames, leaves):
+    got = sweep_group(cfg, count, count_inc, [frames[i] for i in members],
+                      [phases[i] for i in members],
+                      Leaves(*([t[i] for i in members] for t in leaves)))
+    for t, v in zip(out, got):
+      for i, a in zip(members, v):
+        t[i] = a
+  return out
+
+
+def _traced_hyperparameters(cfg) -> dict:
+  """The float options that are traced (``optax.inject_hyperparams``):
+  passed to :func:`jax.custom_jvp` as arguments, so that derivatives with
+  respect to them are taken, not refused as closed-over values."""
+  names = ("step_size", "scale", "b1", "b2", "eps", "norm_growth_limit")
+  return {n: getattr(cfg, n) for n in names
+          if isinstance(getattr(cfg, n), jax.core.Tracer)}
+
+
 def update_projected(cfg, count: jax.Array, count_inc: jax.Array,
                      frames: Sequence[_frame.Frame], leaves: Leaves) -> Leaves:
   """The update of every projected leaf (lists aligned with ``frames``).
 
   With ``stagger``, leaf ``i`` of ``n`` has phase ``i k // n`` in the
   ``k``-step window, so that no single step refreshes every leaf.
+
+  Values come from the groups' sweeps (:func:`sweep_group`: loops and
+  0/1-trip gates). Derivatives (``jax.grad``, ``jax.jvp``, ``jax.jacfwd``
+  through the update, e.g. to meta-learn hyperparameters) are those of
+  :func:`sweep_unrolled`, the same update without loops or gates (a
+  :func:`jax.custom_jvp`; reverse mode cannot go through a ``while_loop``).
+  On a step that computes a new basis the derivative treats that basis as
+  a constant (it flows through the moment transport and the regular step,
+  not the eigensolvers); on every other step it is exact.
 
   Args:
     cfg: the transform's config.
@@ -241,12 +317,18 @@ def update_projected(cfg, count: jax.Array, count_inc: jax.Array,
   """
   n, k = max(len(frames), 1), cfg.update_interval
   phases = [(i * k) // n if cfg.stagger else 0 for i in range(len(frames))]
-  out = Leaves(*(list(t) for t in leaves))
-  for members in group_leaves(frames, leaves):
-    got = sweep_group(cfg, count, count_inc, [frames[i] for i in members],
-                      [phases[i] for i in members],
-                      Leaves(*([t[i] for i in members] for t in leaves)))
-    for t, v in zip(out, got):
-      for i, a in zip(members, v):
-        t[i] = a
-  return out
+  with_hyper = lambda hyper: dataclasses.replace(cfg, **hyper)
+
+  @jax.custom_jvp
+  def update(count, count_inc, leaves, hyper):
+    return _sweeps(with_hyper(hyper), count, count_inc, frames, phases,
+                   leaves)
+
+  @update.defjvp
+  def update_jvp(primals, tangents):
+    unrolled = lambda count, count_inc, leaves, hyper: sweep_unrolled(
+        with_hyper(hyper), count, count_inc, frames, phases, leaves)
+    _, out_tangents = jax.jvp(unrolled, primals, tangents)
+    return update(*primals), out_tangents
+
+  return update(count, count_inc, leaves, _traced_hyperparameters(cfg))

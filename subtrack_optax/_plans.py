@@ -247,6 +247,19 @@ class Plans:
         dataclasses.replace(pl, path=jax.tree_util.keystr(path))
         for (path, _), pl in zip(flat, self.leaves)])
 
+  def __eq__(self, other) -> bool:
+    # ``None`` is the plans of a state built on a tree with no leaves, such
+    # as ``optax.tree.map_params``' placeholder: its structure must match
+    # any state's (``None == plans`` falls back on this method).
+    if other is None:
+      return True
+    if not isinstance(other, Plans):
+      return NotImplemented
+    return (self.treedef, self.leaves) == (other.treedef, other.leaves)
+
+  def __hash__(self) -> int:
+    return hash((self.treedef, self.leaves))
+
   @property
   def rank(self) -> int:
     """The projection rank (0 when no leaf is projected)."""

@@ -103,7 +103,7 @@ def branch_index(count: jax.Array, phase, interval: int) -> jax.Array:
 
 
 def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
-               carry: tuple) -> tuple:
+               carry: tuple, differentiable: bool = False) -> tuple:
   """``branch_fns[idx - 1](x, *carry)`` if ``idx > 0``, else ``carry``.
 
   A ``while_loop`` of zero or one trip on the scalar ``idx`` (a real branch,
@@ -111,8 +111,12 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
   Unlike a conditional with an identity branch, which XLA compiles to a copy
   of every operand, a loop that does not run touches nothing: on a regular
   step the basis and moments stay where they are. ``x`` is read in the
-  body, not carried.
+  body, not carried. ``differentiable``: a switch with an identity branch
+  instead (reverse-mode autodiff cannot go through a ``while_loop``).
   """
+  if differentiable:
+    keep = lambda x, *carry: tuple(carry)
+    return tuple(jax.lax.switch(idx, [keep, *branch_fns], x, *carry))
   trips = (idx > 0).astype(jnp.int32)
 
   def body(loop):
@@ -157,8 +161,16 @@ def _refresh(cfg, frame, count, key, x, s, mu, nu):
 
 def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
                   key: jax.Array, phase, x: jax.Array, s: jax.Array,
-                  mu: jax.Array, nu: jax.Array) -> tuple:
+                  mu: jax.Array, nu: jax.Array,
+                  differentiable: bool = False) -> tuple:
   """The first basis (step 0) or a refresh (when due at ``phase``).
+
+  ``differentiable`` (the form derivatives are taken of, see
+  :func:`subtrack_optax._engine.update_projected`): a switch instead of the
+  0/1-trip loop, and the new basis is a function of ``stop_gradient(X)``
+  and ``stop_gradient(S)``: derivatives flow through the moment transport
+  and the regular step, not through the eigensolvers (which iterate to
+  convergence in ``while_loop`` form).
 
   Args:
     cfg: the transform's config.
@@ -177,12 +189,14 @@ def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
     ``(S, M, V)``, unchanged on a step with nothing due.
   """
   idx = branch_index(count, phase, cfg.update_interval)
-  first = lambda x, s, mu, nu: _first(cfg, frame, x, s, mu, nu)
+  const = jax.lax.stop_gradient if differentiable else (lambda a: a)
+  first = lambda x, s, mu, nu: _first(cfg, frame, const(x), const(s), mu, nu)
   if cfg.subspace_update == "frozen":
-    return run_if_due(jnp.where(idx == 1, 1, 0), [first], x, (s, mu, nu))
-  refresh = lambda x, s, mu, nu: _refresh(cfg, frame, count, key, x, s, mu,
-                                          nu)
-  return run_if_due(idx, [first, refresh], x, (s, mu, nu))
+    return run_if_due(jnp.where(idx == 1, 1, 0), [first], x, (s, mu, nu),
+                      differentiable)
+  refresh = lambda x, s, mu, nu: _refresh(cfg, frame, count, key, const(x),
+                                          const(s), mu, nu)
+  return run_if_due(idx, [first, refresh], x, (s, mu, nu), differentiable)
 
 
 def regular_step(cfg, frame: _frame.Frame, g: jax.Array, basis: jax.Array,

@@ -171,7 +171,7 @@ def _traced(cfg: _config.Config, *trees) -> bool:
   """Whether the update is being traced (inside a jit, grad, vmap, ...) or
   takes traced hyperparameters (``optax.inject_hyperparams``)."""
   hyper = (cfg.step_size, cfg.scale, cfg.b1, cfg.b2, cfg.eps,
-           cfg.norm_growth_limit)
+           cfg.norm_growth_limit, cfg.update_interval, cfg.seed)
   return any(isinstance(x, jax.core.Tracer)
              for x in jax.tree.leaves((trees, hyper)))
 
@@ -209,15 +209,17 @@ def _init(cfg: _config.Config, params) -> SubTrackState:
   flat_plans, treedef = jax.tree.flatten(plans, is_leaf=_plans.is_plan)
   leaves = [_init_leaf(cfg, pl, p)
             for pl, p in zip(flat_plans, treedef.flatten_up_to(arrays))]
-  fields = tuple(treedef.unflatten(f) for f in zip(*leaves))
+  columns = list(zip(*leaves)) or [()] * 4  # no leaves: empty fields
+  fields = tuple(treedef.unflatten(c) for c in columns)
   warning = _plans.dense_warning(flat_plans)
   if warning:
     warnings.warn(warning, UserWarning, stacklevel=_user_stacklevel())
   if _variables.has_variables(params):
     fields = _variables.rebox(params, flat_plans, fields,
                               _variables.mesh_sizes(None, arrays))
-  return SubTrackState(jnp.zeros([], jnp.int32), *fields,
-                       plans=_plans.Plans(treedef, tuple(flat_plans)))
+  # No leaves (e.g. optax.tree.map_params' placeholder): no plans to carry.
+  plans = _plans.Plans(treedef, tuple(flat_plans)) if flat_plans else None
+  return SubTrackState(jnp.zeros([], jnp.int32), *fields, plans=plans)
 
 
 def _user_stacklevel() -> int:
@@ -294,8 +296,11 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
     out_u[i], out_basis[i], out_mu[i], out_nu[i], out_prev[i] = (
         t[j] for t in leaves)
 
+  # A state without plans (unpickled from an old file, or mapped by
+  # optax.tree.map_params) gets them back from the updates.
+  plans = state.plans or _plans.Plans(treedef, tuple(flat_plans))
   new_state = SubTrackState(count_inc, *(treedef.unflatten(t) for t in (
-      out_mu, out_nu, out_basis, out_prev)), plans=state.plans)
+      out_mu, out_nu, out_basis, out_prev)), plans=plans)
   # Explicit sharding only: back to the stored layouts (local slices).
   like = lambda a, b: jax.tree.map(_sharding.like, a, b)
   return like(treedef.unflatten(out_u), updates), like(new_state, state)

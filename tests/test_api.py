@@ -376,3 +376,40 @@ def test_inject_hyperparams_on_subtrack_adamw():
   with pytest.raises(ValueError, match="rank.*static_args"):
     optax.inject_hyperparams(st.subtrack_adamw)(learning_rate=1e-3,
                                                 rank=R).init(PARAMS)
+
+
+def test_update_interval_and_seed_are_injectable():
+  """Only ``rank`` must be static among the numbers (optax's contrib tests
+  keep only ``rank``-like arguments static); an injected interval and
+  seed give the plain transform's updates, and a changed interval in the
+  state moves the refreshes."""
+  kw = dict(subspace_update="random", stagger=True)
+  tx = optax.inject_hyperparams(st.subtrack, static_args=("rank",))(
+      rank=R, update_interval=2, seed=3, **kw)
+  assert set(tx.init(PARAMS).hyperparams) >= {"update_interval", "seed"}
+  a, state = _run(tx, 5)
+  b, _ = _run(st.subtrack(R, 2, seed=3, **kw), 5)
+  # (Injected floats are float32 arrays instead of Python constants:
+  # rounding differs at the 1e-5 level.)
+  chex.assert_trees_all_close(a, b, rtol=1e-4, atol=1e-5)
+  # "scan" (phase 0) refreshes at step 5 with interval 5, not with 2.
+  def moved(interval):
+    hyper = dict(state.hyperparams, update_interval=jnp.asarray(interval))
+    _, after = jax.jit(tx.update)(_grads(5), state._replace(
+        hyperparams=hyper), PARAMS)
+    return not np.allclose(after.inner_state.basis["scan"],
+                           state.inner_state.basis["scan"])
+  assert moved(5) and not moved(2)
+  with pytest.raises(TypeError, match="update_interval"):
+    st.subtrack(R, jnp.asarray(2.0))
+
+
+def test_optax_map_params():
+  """``optax.tree.map_params`` (init on a leafless placeholder) works, and
+  the mapped state is a working state."""
+  tx = st.subtrack_adamw(1e-2, R)
+  state = tx.init(PARAMS)
+  mapped = optax.tree.map_params(tx, lambda v: v + 1.0, state)
+  np.testing.assert_allclose(mapped[0].mu["w"], state[0].mu["w"] + 1.0)
+  _, new = jax.jit(tx.update)(_grads(0), mapped, PARAMS)
+  assert new[0].plans == state[0].plans and new[0].plans is not None

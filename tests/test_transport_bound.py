@@ -162,3 +162,24 @@ def test_an_overflowing_spike_does_not_poison_the_state(mode):
     assert np.all(np.isfinite(np.asarray(u["w"]))), i
   assert not np.any(np.isnan(np.asarray(state.nu["w"])))
   assert not np.any(np.isnan(np.asarray(state.mu["w"])))
+
+
+@pytest.mark.parametrize("mode", ["grassmann", "svd"])
+def test_a_float16_spike_does_not_poison_the_state(mode):
+  """Issue 12, item 2, float16 case: a N(0, 1) x 3000 gradient overflows
+  float16's V (optax's Adam: V infinite, direction 0 there); the updates
+  before and after the next refreshes stay finite, the moments hold no NaN
+  and the basis stays finite."""
+  params = {"w": jnp.zeros((16, 32), jnp.float16)}
+  tx = st.subtrack(4, 3, subspace_update=mode)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for i in range(10):
+    g = jax.random.normal(jax.random.key(i), (16, 32))
+    g = (g * 3000 if i == 4 else g).astype(jnp.float16)
+    u, state = update({"w": g}, state, params)
+    assert u["w"].dtype == jnp.float16
+    assert np.all(np.isfinite(np.asarray(u["w"], np.float32))), i
+  for moment in (state.mu["w"], state.nu["w"]):
+    assert not np.any(np.isnan(np.asarray(moment, np.float32)))
+  assert np.all(np.isfinite(np.asarray(state.basis["w"])))

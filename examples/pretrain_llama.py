@@ -418,14 +418,19 @@ def _opt_spec(args, cfg, steps) -> OptSpec:
       seed=args.seed if args.subspace_update == "random" else 0)
 
 
-def evaluate(run: Run, params, batches) -> float:
-  """Mean loss over the eval batches."""
+def evaluate_batches(run: Run, params, batches) -> np.ndarray:
+  """The loss of each eval batch."""
   losses = []
   for b in batches:
     if run.batch_sharding is not None:
       b = jax.device_put(b, run.batch_sharding)
     losses.append(run.eval_step(params, b))
-  return float(np.mean(jax.device_get(losses)))
+  return np.asarray(jax.device_get(losses), np.float64)
+
+
+def evaluate(run: Run, params, batches) -> float:
+  """Mean loss over the eval batches."""
+  return float(np.mean(evaluate_batches(run, params, batches)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -548,10 +553,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if mgr is not None and stop > start:
     _save(mgr, stop, params, opt_state)
 
-  eval_loss = evaluate(run, params, eval_data)
+  per_batch = evaluate_batches(run, params, eval_data)
+  eval_loss = float(per_batch.mean())
+  # The eval estimate's own noise: standard error over the batches.
+  eval_sem = (float(per_batch.std(ddof=1) / math.sqrt(len(per_batch)))
+              if len(per_batch) > 1 else float("nan"))
   tokens_per_s = tokens_timed / elapsed if elapsed > 0 else float("nan")
   writer.write({"type": "eval", "step": stop, "loss": eval_loss})
-  summary = {"eval_loss": eval_loss, "steps": stop, "start_step": start,
+  summary = {"eval_loss": eval_loss, "eval_sem": eval_sem,
+             "eval_batch_losses": per_batch.tolist(), "steps": stop,
+             "start_step": start,
              "tokens_per_s": tokens_per_s, "opt_state_bytes": state_bytes,
              "param_bytes": _tree_bytes(run.abstract[0]),
              "n_params": n_params,

@@ -1,0 +1,363 @@
+r"""A comparison in a regime that means something: every method at its own
+tuned learning rate (issue 14).
+
+Protocol (stated in the output and checked):
+
+* the model (``--config``, default ``small``) trains ``--steps`` (>= 1000)
+  steps with a subspace update every ``--update-interval`` steps (>= 10
+  updates) at rank ``hidden / 4`` (the config's, as in the paper);
+* **sweep**: each method trains seed 0 on a learning-rate grid (powers of
+  ``sqrt(10)``, four points to start); while the best point is at an edge of
+  the grid, the grid is extended past that edge (up to ``--max-grid``
+  points), so the reported optimum is interior or flagged as not;
+* **final**: seeds 1 and 2 at the method's best learning rate (seed 0 is the
+  sweep's run there): eval loss mean and std over 3 seeds, and the paired
+  difference to SubTrack++ per seed (same seed = same initialization and
+  data order);
+* the eval loss is the mean over ``--eval-batches`` held-out batches; its
+  standard error over the batches (*eval noise*) is printed next to the
+  seed std.
+
+Every run is one record (``method``, ``phase``, ``lr``, ``seed``,
+``eval_loss``, ``eval_sem``, ``steps``, ``tokens_per_s``, ...) appended to
+``benchmarks/results/compare.jsonl`` as it finishes; a rerun skips the runs
+already there (so an interrupted run resumes). ``compare.json`` (records,
+``grids``, per-method peak RSS, machine) and ``compare.md`` (the table and
+the regime and target checks) are rewritten after every method.
+
+Usage::
+
+  python benchmarks/tuned_compare.py                 # the main table
+  python benchmarks/tuned_compare.py --only subtrack++ adamw
+  python benchmarks/tuned_compare.py --quick         # smoke: tiny, 30 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+NO_EXTRAS = ["--no-transport", "--no-recovery"]
+# (method, flags of examples/pretrain_llama.py)
+METHODS = [  # the reference and the baselines first (a partial run has them)
+    ("subtrack++", []),
+    ("adamw", ["--optimizer", "adamw"]),
+    ("optax galore", ["--optimizer", "galore"]),
+    ("svd (GaLore)", ["--subspace-update", "svd"] + NO_EXTRAS),
+    ("svd + recovery (Fira-like)", ["--subspace-update", "svd",
+                                    "--no-transport"]),
+    ("frozen", ["--subspace-update", "frozen"] + NO_EXTRAS),
+    ("random (GoLore)", ["--subspace-update", "random"] + NO_EXTRAS),
+    ("grassmann (SubTrack-Grad)", NO_EXTRAS),
+    ("grassmann + transport", ["--no-recovery"]),
+    ("grassmann + recovery", ["--no-transport"]),
+]
+REFERENCE = "subtrack++"
+# The paper's ablation order: tracking -> + transport -> + recovery -> both.
+ABLATION = ["grassmann (SubTrack-Grad)", "grassmann + transport",
+            "grassmann + recovery", "subtrack++"]
+START_GRID = (-6, -5, -4, -3)   # lr = 10 ** (k / 2): 1e-3 ... 3.2e-2
+SEEDS = (0, 1, 2)
+
+
+def lr_of(k: int) -> float:
+  return float(f"{10 ** (k / 2):.3g}")
+
+
+# --------------------------------------------------------------------------
+# Worker: one method's sweep and final runs, in one process.
+
+
+def _train(spec: dict, lr: float, seed: int) -> dict:
+  import pretrain_llama  # pylint: disable=g-import-not-at-top
+  argv = spec["base"] + spec["flags"] + [
+      "--lr", repr(lr), "--seed", str(seed), "--no-progress", "--no-plot"]
+  t0 = time.perf_counter()
+  out = pretrain_llama.main(argv)
+  losses = out["losses"]
+  every = max(1, len(losses) // 50)
+  return {"method": spec["method"], "lr": lr, "seed": seed,
+          "eval_loss": out["eval_loss"], "eval_sem": out["eval_sem"],
+          "eval_batch_losses": out["eval_batch_losses"],
+          "steps": out["steps"], "tokens_per_s": out["tokens_per_s"],
+          "opt_state_bytes": out["opt_state_bytes"],
+          "wall_s": time.perf_counter() - t0,
+          "train_losses": losses[every - 1::every]}
+
+
+def _best_k(done: dict) -> int:
+  return min(done, key=lambda k: done[k]["eval_loss"])
+
+
+def worker(spec_json: str) -> None:
+  """Sweeps the grid (extending it past an edge optimum), then the final
+  seeds; appends each record to the JSONL file as soon as it exists."""
+  spec = json.loads(spec_json)
+  sys.path.insert(0, EXAMPLES)
+  have = {(r["lr"], r["seed"]): r for r in spec["have"]}
+
+  def run(phase, k, seed):
+    lr = lr_of(k)
+    rec = have.get((lr, seed))
+    if rec is None:
+      rec = {**_train(spec, lr, seed), "phase": phase, "k": k,
+             "config": spec["config"], "update_interval": spec["interval"]}
+      with open(spec["jsonl"], "a") as f:
+        f.write(json.dumps(rec) + "\n")
+      print(f"{spec['method']}: {phase} lr {lr:g} seed {seed}: eval "
+            f"{rec['eval_loss']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
+    return rec
+
+  ks = sorted(set(spec["grid"]) | {r["k"] for r in spec["have"]
+                                   if r["seed"] == 0})
+  done = {}
+  while True:
+    for k in ks:
+      if k not in done:
+        done[k] = run("sweep", k, 0)
+    best = _best_k(done)
+    if len(ks) >= spec["max_grid"] or min(ks) < best < max(ks):
+      break
+    ks.append(best - 1 if best == min(ks) else best + 1)
+    ks.sort()
+  for seed in spec["seeds"][1:]:
+    run("final", best, seed)
+
+
+# --------------------------------------------------------------------------
+# Parent: one subprocess per method, then the tables.
+
+
+def _records(path: str, args) -> list:
+  """The records of this protocol (config, steps, interval) so far."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  key = (args.config, args.steps, args.update_interval)
+  return [r for r in recs
+          if (r["config"], r["steps"], r["update_interval"]) == key]
+
+
+def run_method(method, flags, base, args, have) -> float:
+  """Runs one method's worker; returns its peak RSS in MiB."""
+  spec = {"method": method, "flags": flags, "base": base,
+          "grid": list(START_GRID), "max_grid": args.max_grid,
+          "seeds": list(SEEDS), "jsonl": args.jsonl, "config": args.config,
+          "interval": args.update_interval,
+          "have": [r for r in have if r["method"] == method]}
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "--_worker",
+       json.dumps(spec)], env=env)
+  _, status, usage = os.wait4(proc.pid, 0)
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise RuntimeError(f"{method} failed")
+  return usage.ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def _mean_std(xs):
+  xs = list(xs)
+  if not xs:
+    return float("nan"), float("nan")
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(records: list, method: str) -> dict:
+  """Best lr, whether it is interior, the final seeds' statistics."""
+  sweep = {r["k"]: r for r in records if r["method"] == method
+           and r["seed"] == 0}
+  if not sweep:
+    return {}
+  best = _best_k(sweep)
+  runs = [r for r in records if r["method"] == method and r["k"] == best]
+  runs.sort(key=lambda r: r["seed"])
+  mean, std = _mean_std(r["eval_loss"] for r in runs)
+  return {"grid": sorted(lr_of(k) for k in sweep), "best_lr": lr_of(best),
+          "interior": min(sweep) < best < max(sweep), "runs": runs,
+          "eval_loss_mean": mean, "eval_loss_std": std,
+          "eval_sem": statistics.fmean(r["eval_sem"] for r in runs),
+          "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in runs),
+          "opt_state_mib": runs[0]["opt_state_bytes"] / 2**20,
+          "seeds": [r["seed"] for r in runs]}
+
+
+def paired(s: dict, ref: dict):
+  """Mean, std and count of (eval loss - reference's) over shared seeds."""
+  by_seed = {r["seed"]: r["eval_loss"] for r in ref.get("runs", [])}
+  diffs = [r["eval_loss"] - by_seed[r["seed"]] for r in s.get("runs", [])
+           if r["seed"] in by_seed]
+  return (*_mean_std(diffs), len(diffs))
+
+
+def paired_eval_noise(s: dict, ref: dict) -> float:
+  """The eval noise of a paired difference: the standard error over the
+  (shared) eval batches of the per-batch loss differences, mean over
+  seeds."""
+  by_seed = {r["seed"]: r.get("eval_batch_losses") for r in ref.get("runs",
+                                                                    [])}
+  sems = []
+  for r in s.get("runs", []):
+    a, b = r.get("eval_batch_losses"), by_seed.get(r["seed"])
+    if a and b and len(a) == len(b) > 1:
+      d = [x - y for x, y in zip(a, b)]
+      sems.append(statistics.stdev(d) / len(d) ** 0.5)
+  return statistics.fmean(sems) if sems else float("nan")
+
+
+def checks(summaries: dict, steps: int, interval: int, rank: int,
+           hidden: int) -> list:
+  """The regime checks and the issue's targets, as text lines."""
+  ok = lambda b: "holds" if b else "DOES NOT HOLD"
+  updates = 1 + (steps - 1) // interval
+  lines = [f"- {steps} steps >= 1000: {ok(steps >= 1000)}",
+           f"- {updates} subspace updates >= 10: {ok(updates >= 10)}",
+           f"- rank {rank} = hidden / 4 = {hidden // 4}: "
+           f"{ok(rank == hidden // 4)}"]
+  for m, s in summaries.items():
+    if not s:
+      continue
+    lines.append(
+        f"- {m}: optimum lr {s['best_lr']:g} interior to "
+        f"{[f'{x:g}' for x in s['grid']]}: {ok(s['interior'])}; eval noise "
+        f"{s['eval_sem']:.4f} < seed std {s['eval_loss_std']:.4f}: "
+        f"{ok(s['eval_sem'] < s['eval_loss_std'])}")
+  ref, adamw = summaries.get(REFERENCE), summaries.get("adamw")
+  if ref and adamw:
+    bound = adamw["eval_loss_mean"] * 1.01
+    lines.append(f"- target: SubTrack++ {ref['eval_loss_mean']:.4f} <= tuned "
+                 f"AdamW + 1% = {bound:.4f}: "
+                 f"{ok(ref['eval_loss_mean'] <= bound)}")
+  for g in ("optax galore", "svd (GaLore)"):
+    s = summaries.get(g)
+    if ref and s:
+      margin = 2 * max(ref["eval_loss_std"], s["eval_loss_std"])
+      lines.append(
+          f"- target: SubTrack++ below {g} by more than 2 x the larger std "
+          f"({s['eval_loss_mean'] - ref['eval_loss_mean']:+.4f} vs "
+          f"{margin:.4f}): "
+          f"{ok(s['eval_loss_mean'] - ref['eval_loss_mean'] > margin)}")
+  return lines
+
+
+def markdown(summaries, rss, header, check_lines) -> str:
+  ref = summaries.get(REFERENCE, {})
+  lines = header + ["", "| method | lr grid (seed 0) | best lr | eval loss "
+                    "(3 seeds) | eval noise | Δ vs subtrack++ (paired) | "
+                    "tokens/s | opt state (MiB) | peak RSS (MiB) |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+  for m, s in summaries.items():
+    if not s:
+      continue
+    d_mean, d_std, n = paired(s, ref) if ref and m != REFERENCE else (
+        0, 0, 0)
+    noise = paired_eval_noise(s, ref) if n else float("nan")
+    delta = f"{d_mean:+.4f} ± {d_std:.4f} (eval noise {noise:.4f})" if n else ""
+    grid = ", ".join(f"{x:g}" for x in s["grid"])
+    star = "" if s["interior"] else " (edge)"
+    lines.append(
+        f"| {m} | {grid} | {s['best_lr']:g}{star} | "
+        f"{s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f} "
+        f"(n={len(s['runs'])}) | {s['eval_sem']:.4f} | {delta} | "
+        f"{s['tokens_per_s']:,.0f} | {s['opt_state_mib']:.2f} | "
+        f"{rss.get(m, float('nan')):.0f} |")
+  abl = [(m, summaries.get(m)) for m in ABLATION]
+  if all(s for _, s in abl):
+    lines += ["", "Ablation order (paired deltas, each against the one "
+              "before):", ""]
+    for (m0, s0), (m1, s1) in zip(abl, abl[1:]):
+      d, sd, n = paired(s1, s0)
+      lines.append(f"- {m0} -> {m1}: {d:+.4f} ± {sd:.4f} (n={n})")
+  return "\n".join(lines + ["", "Checks:", ""] + check_lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="small")
+  p.add_argument("--steps", type=int, default=1000)
+  p.add_argument("--update-interval", type=int, default=50)
+  p.add_argument("--eval-batches", type=int, default=256)
+  p.add_argument("--max-grid", type=int, default=7)
+  p.add_argument("--only", nargs="+", default=None)
+  p.add_argument("--quick", action="store_true",
+                 help="tiny config, 30 steps, interval 3: a smoke run")
+  p.add_argument("--out", default=RESULTS)
+  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args._worker is not None:
+    worker(args._worker)
+    return {}
+  if args.quick:
+    args.config, args.steps, args.update_interval = "tiny", 30, 3
+    args.eval_batches, args.max_grid = 4, 5
+  tag = "" if not args.quick else "_quick"
+  os.makedirs(args.out, exist_ok=True)
+  args.jsonl = os.path.join(args.out, f"compare{tag}.jsonl")
+  sys.path.insert(0, EXAMPLES)
+  import _configs  # pylint: disable=g-import-not-at-top
+  cfg = _configs.CONFIGS[args.config]
+  base = ["--config", args.config, "--steps", str(args.steps),
+          "--update-interval", str(args.update_interval),
+          "--eval-batches", str(args.eval_batches), "--no-diagnostics"]
+  methods = [m for m in METHODS if not args.only or m[0] in args.only]
+  started = datetime.datetime.now(datetime.timezone.utc)
+  command = "python benchmarks/tuned_compare.py " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  json_path = os.path.join(args.out, f"compare{tag}.json")
+  rss, t0 = {}, time.perf_counter()
+  if os.path.exists(json_path):   # a resumed run keeps earlier processes' RSS
+    rss = json.load(open(json_path)).get("peak_rss_mib", {})
+  for method, flags in methods:
+    have = _records(args.jsonl, args)
+    peak = run_method(method, flags, base, args, have)
+    records = _records(args.jsonl, args)
+    if len(records) > len(have) or method not in rss:
+      rss[method] = peak
+    summaries = {m: summarize(records, m) for m, _ in METHODS}
+    header = [
+        f"## Tuned comparison on `{args.config}` ({args.steps} steps of "
+        f"{cfg.batch_size}x{cfg.seq_len} byte tokens, subspace update every "
+        f"{args.update_interval}, rank {cfg.rank})", "",
+        f"- command: `{command.strip()}`",
+        f"- started {started.strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"{(time.perf_counter() - t0) / 60:.0f} min for the methods of "
+        "this invocation",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{platform.platform()}, Python {platform.python_version()} "
+        "(tokens/s: the machine may have been shared)",
+        "- eval noise: standard error of the eval loss over its "
+        f"{args.eval_batches} held-out batches (the same batches for every "
+        "run); Δ: mean ± std over seeds of the paired difference, and the "
+        "standard error over batches of the per-batch paired difference"]
+    check_lines = checks(summaries, args.steps, args.update_interval,
+                         cfg.rank, cfg.hidden)
+    with open(os.path.join(args.out, f"compare{tag}.md"), "w") as f:
+      f.write(markdown(summaries, rss, header, check_lines))
+    with open(json_path, "w") as f:
+      json.dump({"command": command.strip(), "date": started.isoformat(),
+                 "config": args.config, "steps": args.steps,
+                 "update_interval": args.update_interval,
+                 "rank": cfg.rank, "eval_batches": args.eval_batches,
+                 "machine": {"platform": platform.platform(),
+                             "cpus": os.cpu_count()},
+                 "grids": {m: s["grid"] for m, s in summaries.items() if s},
+                 "peak_rss_mib": rss, "records": records}, f, indent=1)
+    print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {method} done",
+          flush=True)
+  return {"summaries": summaries, "rss": rss}
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""The protocol logic of benchmarks/tuned_compare.py (issue 14), with a
+fake training run (no jax): the grid grows past an edge optimum until the
+optimum is interior, the final seeds run at the best lr, an interrupted
+run resumes from its records, and the checks say what holds."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+                     "tuned_compare.py")
+
+
+@pytest.fixture
+def tc(monkeypatch):
+  spec = importlib.util.spec_from_file_location("tuned_compare", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  calls = []
+
+  def fake_train(spec, lr, seed):
+    calls.append((spec["method"], lr, seed))
+    # A valley in log10(lr) with its bottom at lr = 0.1 (k = -2: past the
+    # start grid's top edge), and a per-seed offset.
+    import math  # pylint: disable=g-import-not-at-top
+    loss = 2.0 + (math.log10(lr) + 1.0) ** 2 + 0.01 * seed
+    return {"method": spec["method"], "lr": lr, "seed": seed,
+            "eval_loss": loss, "eval_sem": 0.001, "steps": 1000,
+            "tokens_per_s": 1.0, "opt_state_bytes": 2**20, "wall_s": 0.0,
+            "train_losses": []}
+
+  monkeypatch.setattr(module, "_train", fake_train)
+  module.calls = calls
+  return module
+
+
+def _spec(tc, jsonl, have=()):
+  return json.dumps({
+      "method": "m", "flags": [], "base": [], "grid": list(tc.START_GRID),
+      "max_grid": 7, "seeds": [0, 1, 2], "jsonl": str(jsonl),
+      "config": "small", "interval": 50, "have": list(have)})
+
+
+def _read(path):
+  return [json.loads(l) for l in open(path)]
+
+
+def test_grid_extends_past_an_edge_then_final_seeds(tc, tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  tc.worker(_spec(tc, jsonl))
+  recs = _read(jsonl)
+  sweep = sorted(r["k"] for r in recs if r["phase"] == "sweep")
+  assert sweep == [-6, -5, -4, -3, -2, -1]        # grew until interior
+  final = [(r["k"], r["seed"]) for r in recs if r["phase"] == "final"]
+  assert final == [(-2, 1), (-2, 2)]
+  s = tc.summarize(recs, "m")
+  assert s["best_lr"] == 0.1 and s["interior"] and s["seeds"] == [0, 1, 2]
+  assert s["eval_loss_mean"] == pytest.approx(2.01)
+
+
+def test_resume_runs_only_what_is_missing(tc, tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  tc.worker(_spec(tc, jsonl))
+  first = len(tc.calls)
+  recs = _read(jsonl)
+  tc.worker(_spec(tc, jsonl, have=recs[:-1]))   # the last run was lost
+  assert len(tc.calls) == first + 1 and tc.calls[-1][2] == 2
+
+
+def test_grid_stops_at_its_cap_and_says_edge(tc, tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  spec = json.loads(_spec(tc, jsonl))
+  spec["max_grid"] = 5
+  tc.worker(json.dumps(spec))
+  s = tc.summarize(_read(jsonl), "m")
+  assert len(s["grid"]) == 5 and not s["interior"]
+  lines = tc.checks({"m": s}, 1000, 50, 32, 128)
+  assert any("interior" in l and "DOES NOT HOLD" in l for l in lines)
+
+
+def test_regime_checks(tc):
+  lines = tc.checks({}, 800, 100, 16, 128)
+  assert "800 steps >= 1000: DOES NOT HOLD" in lines[0]
+  assert "8 subspace updates >= 10: DOES NOT HOLD" in lines[1]
+  assert "rank 16 = hidden / 4 = 32: DOES NOT HOLD" in lines[2]
+  assert all("holds" in l for l in tc.checks({}, 1000, 50, 32, 128))

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-transport", action="store_true",
                  help="transport_moments=False")
   g.add_argument("--transport", default="ldadam",
-                 choices=("ldadam", "debiased", "reference"),
+                 choices=("ldadam", "debiased", "reference", "reset"),
                  help="the form of the moment transport (transport_moments)")
   g.add_argument("--no-recovery", action="store_true",
                  help="recovery_scaling=False")

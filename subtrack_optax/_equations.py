@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 # Named forms of the moment transport and of the recovery residual.
-TRANSPORTS = ("ldadam", "debiased", "reference")
+TRANSPORTS = ("ldadam", "debiased", "reference", "reset")
 RECOVERIES = ("orthogonal", "reference")
 
 
@@ -150,6 +150,9 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
     2}, 0)`, :math:`\rho = (1-\beta_2^t)/(1-\beta_1^t)^2`, ``t = count``;
   - ``"reference"`` (the reference code): :math:`V' = (1-\beta_2)\,
     |C^{\circ 2}(V - M^{\circ 2}) + (CM)^{\circ 2}|`;
+  - ``"reset"``: :math:`V' = 0` (the second moment's history is dropped;
+    the floor below makes it :math:`M'^{\circ 2}/\kappa`, the least
+    consistent with the transported first moment);
 
   then, in every form, :math:`V' \leftarrow \max(V', M'^{\circ 2}/\kappa)`
   (:func:`moment_ratio_bound`): the transported moments satisfy Adam's
@@ -199,6 +202,8 @@ def transport_moments(s_new: jax.Array, s_old: jax.Array, mu: jax.Array,
     v_new = ccz + rho * cm * cm
   elif form == "reference":
     v_new = (1 - b2) * jnp.abs(ccz + cm * cm)
+  elif form == "reset":
+    v_new = jnp.zeros_like(cm)
   else:
     v_new = ccz + cm * cm
   v_new = jnp.maximum(v_new, cm * cm / moment_ratio_bound(b1, b2))

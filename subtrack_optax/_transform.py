@@ -105,7 +105,7 @@ def subtrack(
     eps: Adam's epsilon, added to ``sqrt(v_hat)``.
     transport_moments: rotate the moments into the new basis when it changes:
       ``True`` (= ``"ldadam"``), ``False``, or a named form, ``"ldadam"``,
-      ``"debiased"`` or ``"reference"``
+      ``"debiased"``, ``"reference"`` or ``"reset"``
       (:func:`~subtrack_optax._equations.transport_moments`).
     recovery_scaling: add the discarded gradient, scaled per column:
       ``True`` (= ``"orthogonal"``, the residual ``X - S S^T X``),

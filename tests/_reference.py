@@ -70,6 +70,8 @@ class RefMatrix:
         elif form == "reference":  # the reference code's (1-b2)|...|
           self.v = (1 - c["b2"]) * np.abs((cc * cc) @ (self.v - m_old * m_old)
                                           + (cc @ m_old) ** 2)
+        elif form == "reset":    # V's history dropped (the floor remains)
+          self.v = np.zeros_like(self.v)
         else:                    # True or "ldadam"
           self.v = np.maximum((cc * cc) @ (self.v - m_old * m_old)
                               + (cc @ m_old) ** 2, 0.0)

@@ -187,6 +187,10 @@ def test_command_line_with_fsdp_mesh(tmp_path, adamw_run):
 
 def test_subspace_update_choices_match_the_library():
   assert _cli.SUBSPACE_UPDATES == st.SUBSPACE_UPDATES
+  transport = next(a for a in _cli.build_parser()._actions
+                   if a.dest == "transport")
+  from subtrack_optax import _equations  # pylint: disable=g-import-not-at-top
+  assert tuple(transport.choices) == _equations.TRANSPORTS
 
 
 @pytest.fixture(scope="module")

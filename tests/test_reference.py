@@ -43,6 +43,7 @@ CONFIGS = {
     # The named forms of the A/B variants (public options).
     "transport-debiased": dict(transport_moments="debiased"),
     "transport-reference": dict(transport_moments="reference"),
+    "transport-reset": dict(transport_moments="reset"),
     "svd-transport-debiased": dict(subspace_update="svd",
                                    transport_moments="debiased"),
     "recovery-reference": dict(recovery_scaling="reference"),

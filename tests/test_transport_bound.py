@@ -183,3 +183,19 @@ def test_a_float16_spike_does_not_poison_the_state(mode):
   for moment in (state.mu["w"], state.nu["w"]):
     assert not np.any(np.isnan(np.asarray(moment, np.float32)))
   assert np.all(np.isfinite(np.asarray(state.basis["w"])))
+
+
+def test_reset_form_keeps_only_the_floor():
+  """``"reset"`` drops V's history: V' is the least second moment
+  consistent with the transported first moment, M'^2 / kappa."""
+  key = jax.random.key(0)
+  s_old = jnp.linalg.qr(jax.random.normal(key, (12, 3)))[0]
+  s_new = jnp.linalg.qr(s_old + 0.3 * jax.random.normal(
+      jax.random.fold_in(key, 1), (12, 3)))[0]
+  m = jax.random.normal(jax.random.fold_in(key, 2), (3, 7))
+  v = m * m + 5.0
+  cm, v_new = _equations.transport_moments(s_new, s_old, m, v, form="reset")
+  kappa = _equations.moment_ratio_bound(0.9, 0.999)
+  np.testing.assert_allclose(v_new, cm * cm / kappa, rtol=1e-6)
+  cm_l, _ = _equations.transport_moments(s_new, s_old, m, v, form="ldadam")
+  np.testing.assert_allclose(cm, cm_l, rtol=1e-6)

@@ -182,6 +182,8 @@ def _case(spec: dict) -> dict:
       "collectives": len(collectives),
       "large_collectives": [c for c in collectives
                             if gradient_sized(c[2], matrix, rank)],
+      "largest_collectives": sorted(collectives, key=lambda c: -math.prod(
+          c[2]))[:8],
       "custom_calls": sorted(set(CUSTOM_CALL.findall(text))),
       "hlo_lines": text.count("\n"),
   }

@@ -21,6 +21,9 @@ BASIS_SIDES = ("small", "large")
 STATIC_ARGS = ("rank", "subspace_update", "normalize_tracking",
                "transport_moments", "recovery_scaling", "basis_side",
                "dimension_numbers", "basis_dtype", "mu_dtype", "stagger")
+# The numeric options that optax.inject_hyperparams may turn into arrays.
+HYPERPARAMETERS = ("step_size", "scale", "b1", "b2", "eps",
+                   "norm_growth_limit", "update_interval", "seed")
 
 
 def _is_real_number(x) -> bool:
@@ -187,6 +190,12 @@ class Config:
         basis_dtype=jnp.dtype(basis_dtype),
         mu_dtype=optax_utils.canonicalize_dtype(mu_dtype), seed=seed,
         stagger=stagger)
+
+  def traced_hyperparameters(self) -> dict:
+    """The options of :data:`HYPERPARAMETERS` that are traced (injected by
+    ``optax.inject_hyperparams`` inside a jit, grad, ...), by name."""
+    return {n: getattr(self, n) for n in HYPERPARAMETERS
+            if isinstance(getattr(self, n), jax.core.Tracer)}
 
   def plans(self, tree):
     """The tree of leaf plans of ``tree`` (params or updates)."""

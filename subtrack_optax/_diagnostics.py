@@ -9,6 +9,7 @@ import optax
 from subtrack_optax import _frame
 from subtrack_optax import _linalg
 from subtrack_optax import _plans
+from subtrack_optax import _state
 from subtrack_optax import _variables
 from subtrack_optax._state import SubTrackState
 
@@ -46,8 +47,7 @@ def find_subtrack_state(opt_state: Any) -> SubTrackState:
   Raises:
     ValueError: if there is none or more than one.
   """
-  is_st = lambda x: isinstance(x, SubTrackState)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_st) if is_st(x)]
+  found = _state.subtrack_states(opt_state)
   if len(found) != 1:
     raise ValueError(
         f"subspace_diagnostics: expected exactly one SubTrackState in the "

@@ -280,15 +280,6 @@ def _sweeps(cfg, count, count_inc, frames, phases, leaves) -> Leaves:
   return out
 
 
-def _traced_hyperparameters(cfg) -> dict:
-  """The float options that are traced (``optax.inject_hyperparams``):
-  passed to :func:`jax.custom_jvp` as arguments, so that derivatives with
-  respect to them are taken, not refused as closed-over values."""
-  names = ("step_size", "scale", "b1", "b2", "eps", "norm_growth_limit")
-  return {n: getattr(cfg, n) for n in names
-          if isinstance(getattr(cfg, n), jax.core.Tracer)}
-
-
 def update_projected(cfg, count: jax.Array, count_inc: jax.Array,
                      frames: Sequence[_frame.Frame], leaves: Leaves) -> Leaves:
   """The update of every projected leaf (lists aligned with ``frames``).
@@ -331,4 +322,6 @@ def update_projected(cfg, count: jax.Array, count_inc: jax.Array,
     _, out_tangents = jax.jvp(unrolled, primals, tangents)
     return update(*primals), out_tangents
 
-  return update(count, count_inc, leaves, _traced_hyperparameters(cfg))
+  # Traced options are arguments, not closed-over values: derivatives with
+  # respect to them (injected hyperparameters) are taken, not refused.
+  return update(count, count_inc, leaves, cfg.traced_hyperparameters())

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 
+from subtrack_optax import _state
 from subtrack_optax import _variables
 from subtrack_optax._state import SubTrackState
 
@@ -121,9 +122,7 @@ def list_leaves(tx: Any, params: Any) -> LeafList:
   """
   init = tx.init if hasattr(tx, "init") else tx
   state = jax.eval_shape(init, _variables.unbox(params))
-  is_state = lambda x: isinstance(x, SubTrackState)
-  found = [s for s in jax.tree.leaves(state, is_leaf=is_state)
-           if is_state(s)]
+  found = _state.subtrack_states(state)
   if not found:
     raise ValueError("list_leaves: tx contains no subtrack transformation")
   return LeafList(info for s in found for info in _infos(s))

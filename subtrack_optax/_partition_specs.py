@@ -8,7 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 from subtrack_optax import _plans
 from subtrack_optax import _sharding
-from subtrack_optax import _variables
 from subtrack_optax._state import SubTrackState
 
 __all__ = ["partition_specs"]
@@ -144,7 +143,7 @@ def partition_specs(tx: Any, params: Any, param_specs: Any, *,
     (P('data', 'model'), P('data', 'model'))
   """
   init = tx.init if hasattr(tx, "init") else tx
-  sizes = _variables.mesh_sizes(mesh, params)
+  sizes = _sharding.mesh_sizes(mesh, params)
   try:
     specs = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
   except Exception as e:  # pylint: disable=broad-except

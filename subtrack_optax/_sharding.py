@@ -44,6 +44,7 @@ __all__ = [
     "LeafShardings",
     "dense_spec",
     "projected_specs",
+    "mesh_sizes",
     "explicit_sharding",
     "init_shardings",
     "sharded_matmul",
@@ -137,6 +138,20 @@ def projected_specs(plan, param_spec,
   moments = _spec(*batch, _fit(side, r, sizes), _fit(other, plan.big_d, sizes))
   basis = _spec(*batch, _fit(side, plan.d, sizes), _fit(other, r, sizes))
   return moments, basis, _spec(*batch)
+
+
+def mesh_sizes(mesh=None, params=None) -> Optional[dict]:
+  """Mesh axis sizes: ``mesh``'s, the current mesh's, or the params' mesh."""
+  if mesh is not None:
+    return dict(mesh.shape)
+  current = jax.sharding.get_abstract_mesh()
+  if not current.empty:
+    return dict(current.shape)
+  for leaf in jax.tree.leaves(params):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+      return dict(s.mesh.shape)
+  return None
 
 
 # ------------------------------------------------ explicit-mode helpers --

@@ -7,7 +7,7 @@ import optax
 
 from subtrack_optax import _plans
 
-__all__ = ["SubTrackState", "MASKED"]
+__all__ = ["SubTrackState", "MASKED", "subtrack_states"]
 
 # The placeholder of a state leaf that a dense parameter does not have.
 MASKED = optax.MaskedNode()
@@ -79,3 +79,11 @@ jax.tree_util.register_pytree_with_keys(
     lambda plans, children: SubTrackState(*children, plans=plans),
     flatten_func=lambda s: (tuple(s), s.plans),
 )
+
+
+def subtrack_states(opt_state: Any) -> list:
+  """Every :class:`SubTrackState` inside an optimizer state tree (any
+  nesting of optax states: ``chain``, ``masked``, ``inject_hyperparams``
+  ...), in flattening order."""
+  is_st = lambda x: isinstance(x, SubTrackState)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_st) if is_st(x)]

@@ -170,10 +170,8 @@ def subtrack(
 def _traced(cfg: _config.Config, *trees) -> bool:
   """Whether the update is being traced (inside a jit, grad, vmap, ...) or
   takes traced hyperparameters (``optax.inject_hyperparams``)."""
-  hyper = (cfg.step_size, cfg.scale, cfg.b1, cfg.b2, cfg.eps,
-           cfg.norm_growth_limit, cfg.update_interval, cfg.seed)
-  return any(isinstance(x, jax.core.Tracer)
-             for x in jax.tree.leaves((trees, hyper)))
+  return bool(cfg.traced_hyperparameters()) or any(
+      isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
 def _init_leaf(cfg: _config.Config, plan: _plans.LeafPlan, param) -> tuple:
@@ -216,7 +214,7 @@ def _init(cfg: _config.Config, params) -> SubTrackState:
     warnings.warn(warning, UserWarning, stacklevel=_user_stacklevel())
   if _variables.has_variables(params):
     fields = _variables.rebox(params, flat_plans, fields,
-                              _variables.mesh_sizes(None, arrays))
+                              _sharding.mesh_sizes(None, arrays))
   # No leaves (e.g. optax.tree.map_params' placeholder): no plans to carry.
   plans = _plans.Plans(treedef, tuple(flat_plans)) if flat_plans else None
   return SubTrackState(jnp.zeros([], jnp.int32), *fields, plans=plans)

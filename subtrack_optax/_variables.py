@@ -21,12 +21,11 @@ from typing import Optional
 
 import jax
 import optax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from subtrack_optax import _sharding
 
-__all__ = ["has_variables", "unbox", "rebox", "mesh_sizes"]
+__all__ = ["has_variables", "unbox", "rebox"]
 
 _SHARDING = "out_sharding"
 
@@ -57,20 +56,6 @@ def unbox(tree):
                       tree, is_leaf=_is_variable)
 
 
-def mesh_sizes(mesh=None, params=None) -> Optional[dict]:
-  """Mesh axis sizes: ``mesh``'s, the current mesh's, or the params' mesh."""
-  if mesh is not None:
-    return dict(mesh.shape)
-  current = jax.sharding.get_abstract_mesh()
-  if not current.empty:
-    return dict(current.shape)
-  for leaf in jax.tree.leaves(params):
-    s = getattr(leaf, "sharding", None)
-    if isinstance(s, NamedSharding):
-      return dict(s.mesh.shape)
-  return None
-
-
 def _param_spec(var) -> Optional[P]:
   """The partition spec in ``var``'s metadata (``None`` if it has none)."""
   names = var.get_metadata().get(_SHARDING)
@@ -81,8 +66,6 @@ def _param_spec(var) -> Optional[P]:
 
 def _boxed(var, value, spec: P):
   """``var``'s kind and metadata around ``value``, sharded as ``spec``."""
-  if not hasattr(value, "shape"):  # a MaskedNode: nothing to box
-    return value
   if _param_spec(var) is None:
     return var.replace(value)
   return var.replace(value, **{_SHARDING: tuple(spec)})

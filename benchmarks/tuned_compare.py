@@ -29,6 +29,8 @@ Usage::
 
   python benchmarks/tuned_compare.py                 # the main table
   python benchmarks/tuned_compare.py --only subtrack++ adamw
+  python benchmarks/tuned_compare.py --variants      # items 3-4: SubTrack++
+                                                     # variants, its lr
   python benchmarks/tuned_compare.py --quick         # smoke: tiny, 30 steps
 """
 
@@ -67,6 +69,18 @@ REFERENCE = "subtrack++"
 # The paper's ablation order: tracking -> + transport -> + recovery -> both.
 ABLATION = ["grassmann (SubTrack-Grad)", "grassmann + transport",
             "grassmann + recovery", "subtrack++"]
+# Design decisions (issue 14 items 3 and 4): variants of SubTrack++ trained
+# at SubTrack++'s tuned learning rate on the same seeds (paired), phase "ab".
+VARIANTS = [
+    ("transport: debiased", ["--transport", "debiased"]),
+    ("transport: reference (1-b2)", ["--transport", "reference"]),
+    ("transport: reset V", ["--transport", "reset"]),
+    ("basis_side: large", ["--basis-side", "large"]),
+    ("step_size 0.25", ["--step-size", "0.25"]),
+    ("step_size 1.0", ["--step-size", "1.0"]),
+    ("scale 0.5", ["--scale", "0.5"]),
+    ("scale 0.125", ["--scale", "0.125"]),
+]
 START_GRID = (-6, -5, -4, -3)   # lr = 10 ** (k / 2): 1e-3 ... 3.2e-2
 SEEDS = (0, 1, 2)
 
@@ -119,6 +133,10 @@ def worker(spec_json: str) -> None:
             f"{rec['eval_loss']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
     return rec
 
+  if spec.get("fixed_k") is not None:   # a variant: the given lr only
+    for seed in spec["seeds"]:
+      run("ab", spec["fixed_k"], seed)
+    return
   ks = sorted(set(spec["grid"]) | {r["k"] for r in spec["have"]
                                    if r["seed"] == 0})
   done = {}
@@ -150,9 +168,10 @@ def _records(path: str, args) -> list:
           if (r["config"], r["steps"], r["update_interval"]) == key]
 
 
-def run_method(method, flags, base, args, have) -> float:
-  """Runs one method's worker; returns its peak RSS in MiB."""
-  spec = {"method": method, "flags": flags, "base": base,
+def run_method(method, flags, base, args, have, fixed_k=None) -> float:
+  """Runs one method's worker (a variant's at ``fixed_k`` only); returns
+  its peak RSS in MiB."""
+  spec = {"method": method, "flags": flags, "base": base, "fixed_k": fixed_k,
           "grid": list(START_GRID), "max_grid": args.max_grid,
           "seeds": list(SEEDS), "jsonl": args.jsonl, "config": args.config,
           "interval": args.update_interval,
@@ -175,23 +194,32 @@ def _mean_std(xs):
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(records: list, method: str) -> dict:
-  """Best lr, whether it is interior, the final seeds' statistics."""
-  sweep = {r["k"]: r for r in records if r["method"] == method
-           and r["seed"] == 0}
-  if not sweep:
-    return {}
-  best = _best_k(sweep)
-  runs = [r for r in records if r["method"] == method and r["k"] == best]
-  runs.sort(key=lambda r: r["seed"])
+def _run_stats(runs: list) -> dict:
+  runs = sorted(runs, key=lambda r: r["seed"])
   mean, std = _mean_std(r["eval_loss"] for r in runs)
-  return {"grid": sorted(lr_of(k) for k in sweep), "best_lr": lr_of(best),
-          "interior": min(sweep) < best < max(sweep), "runs": runs,
-          "eval_loss_mean": mean, "eval_loss_std": std,
+  return {"runs": runs, "eval_loss_mean": mean, "eval_loss_std": std,
           "eval_sem": statistics.fmean(r["eval_sem"] for r in runs),
           "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in runs),
           "opt_state_mib": runs[0]["opt_state_bytes"] / 2**20,
           "seeds": [r["seed"] for r in runs]}
+
+
+def summarize(records: list, method: str) -> dict:
+  """Best lr, whether it is interior, the final seeds' statistics."""
+  sweep = {r["k"]: r for r in records if r["method"] == method
+           and r["seed"] == 0 and r["phase"] != "ab"}
+  if not sweep:
+    return {}
+  best = _best_k(sweep)
+  runs = [r for r in records if r["method"] == method and r["k"] == best]
+  return {"grid": sorted(lr_of(k) for k in sweep), "best_lr": lr_of(best),
+          "interior": min(sweep) < best < max(sweep), **_run_stats(runs)}
+
+
+def summarize_variant(records: list, variant: str) -> dict:
+  """A variant's runs (phase "ab", one lr) and their statistics."""
+  runs = [r for r in records if r["method"] == variant and r["phase"] == "ab"]
+  return {"lr": runs[0]["lr"], **_run_stats(runs)} if runs else {}
 
 
 def paired(s: dict, ref: dict):
@@ -202,18 +230,35 @@ def paired(s: dict, ref: dict):
   return (*_mean_std(diffs), len(diffs))
 
 
+def _difference_sem(a, b) -> float:
+  """Standard error over the shared eval batches of ``a - b`` per batch."""
+  if not a or not b or len(a) != len(b) or len(a) < 2:
+    return float("nan")
+  d = [x - y for x, y in zip(a, b)]
+  return statistics.stdev(d) / len(d) ** 0.5
+
+
 def paired_eval_noise(s: dict, ref: dict) -> float:
   """The eval noise of a paired difference: the standard error over the
   (shared) eval batches of the per-batch loss differences, mean over
   seeds."""
   by_seed = {r["seed"]: r.get("eval_batch_losses") for r in ref.get("runs",
                                                                     [])}
-  sems = []
-  for r in s.get("runs", []):
-    a, b = r.get("eval_batch_losses"), by_seed.get(r["seed"])
-    if a and b and len(a) == len(b) > 1:
-      d = [x - y for x, y in zip(a, b)]
-      sems.append(statistics.stdev(d) / len(d) ** 0.5)
+  sems = [_difference_sem(r.get("eval_batch_losses"), by_seed.get(r["seed"]))
+          for r in s.get("runs", []) if r["seed"] in by_seed]
+  sems = [x for x in sems if x == x]
+  return statistics.fmean(sems) if sems else float("nan")
+
+
+def seed_difference_noise(s: dict) -> float:
+  """The eval noise of a difference between two seeds' runs of one method
+  (standard error over the shared batches, mean over seed pairs): how much
+  of a seed-to-seed difference the finite eval set alone could make."""
+  runs = s.get("runs", [])
+  sems = [_difference_sem(a.get("eval_batch_losses"),
+                          b.get("eval_batch_losses"))
+          for i, a in enumerate(runs) for b in runs[i + 1:]]
+  sems = [x for x in sems if x == x]
   return statistics.fmean(sems) if sems else float("nan")
 
 
@@ -229,11 +274,15 @@ def checks(summaries: dict, steps: int, interval: int, rank: int,
   for m, s in summaries.items():
     if not s:
       continue
+    pair_noise, pair_std = seed_difference_noise(s), (
+        s["eval_loss_std"] * 2 ** 0.5)
     lines.append(
         f"- {m}: optimum lr {s['best_lr']:g} interior to "
         f"{[f'{x:g}' for x in s['grid']]}: {ok(s['interior'])}; eval noise "
         f"{s['eval_sem']:.4f} < seed std {s['eval_loss_std']:.4f}: "
-        f"{ok(s['eval_sem'] < s['eval_loss_std'])}")
+        f"{ok(s['eval_sem'] < s['eval_loss_std'])}; eval noise of a "
+        f"seed-to-seed difference {pair_noise:.4f} < its std (sqrt 2 x "
+        f"seed std) {pair_std:.4f}: {ok(pair_noise < pair_std)}")
   ref, adamw = summaries.get(REFERENCE), summaries.get("adamw")
   if ref and adamw:
     bound = adamw["eval_loss_mean"] * 1.01
@@ -252,7 +301,7 @@ def checks(summaries: dict, steps: int, interval: int, rank: int,
   return lines
 
 
-def markdown(summaries, rss, header, check_lines) -> str:
+def markdown(summaries, rss, header, check_lines, variants=None) -> str:
   ref = summaries.get(REFERENCE, {})
   lines = header + ["", "| method | lr grid (seed 0) | best lr | eval loss "
                     "(3 seeds) | eval noise | Δ vs subtrack++ (paired) | "
@@ -280,7 +329,33 @@ def markdown(summaries, rss, header, check_lines) -> str:
     for (m0, s0), (m1, s1) in zip(abl, abl[1:]):
       d, sd, n = paired(s1, s0)
       lines.append(f"- {m0} -> {m1}: {d:+.4f} ± {sd:.4f} (n={n})")
+  lines += variant_lines(variants or {}, ref)
   return "\n".join(lines + ["", "Checks:", ""] + check_lines) + "\n"
+
+
+def variant_lines(variants: dict, ref: dict) -> list:
+  """The design-decision table: each variant against SubTrack++ (defaults)
+  at SubTrack++'s tuned lr, paired by seed."""
+  rows = [(v, s) for v, s in variants.items() if s]
+  if not rows or not ref:
+    return []
+  lines = ["", f"Design decisions (issue 14 items 3-4): variants of "
+           f"SubTrack++ at its tuned lr {ref['best_lr']:g}, same seeds "
+           "(Δ = variant - defaults, paired):", "",
+           "| variant | eval loss | Δ vs defaults (paired) | opt state "
+           "(MiB) | tokens/s |", "|---|---|---|---|---|",
+           f"| defaults | {ref['eval_loss_mean']:.4f} ± "
+           f"{ref['eval_loss_std']:.4f} (n={len(ref['runs'])}) | | "
+           f"{ref['opt_state_mib']:.2f} | {ref['tokens_per_s']:,.0f} |"]
+  for v, s in rows:
+    d, sd, n = paired(s, ref)
+    noise = paired_eval_noise(s, ref)
+    lines.append(
+        f"| {v} | {s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f} "
+        f"(n={len(s['runs'])}) | {d:+.4f} ± {sd:.4f} (n={n}, eval noise "
+        f"{noise:.4f}) | {s['opt_state_mib']:.2f} | "
+        f"{s['tokens_per_s']:,.0f} |")
+  return lines
 
 
 def main(argv=None):
@@ -291,6 +366,9 @@ def main(argv=None):
   p.add_argument("--eval-batches", type=int, default=256)
   p.add_argument("--max-grid", type=int, default=7)
   p.add_argument("--only", nargs="+", default=None)
+  p.add_argument("--variants", action="store_true",
+                 help="the design-decision variants of SubTrack++ (at its "
+                 "tuned lr, paired seeds) instead of the methods")
   p.add_argument("--quick", action="store_true",
                  help="tiny config, 30 steps, interval 3: a smoke run")
   p.add_argument("--out", default=RESULTS)
@@ -311,7 +389,12 @@ def main(argv=None):
   base = ["--config", args.config, "--steps", str(args.steps),
           "--update-interval", str(args.update_interval),
           "--eval-batches", str(args.eval_batches), "--no-diagnostics"]
-  methods = [m for m in METHODS if not args.only or m[0] in args.only]
+  if args.variants:
+    methods = [(v, f, True) for v, f in VARIANTS
+               if not args.only or v in args.only]
+  else:
+    methods = [(m, f, False) for m, f in METHODS
+               if not args.only or m in args.only]
   started = datetime.datetime.now(datetime.timezone.utc)
   command = "python benchmarks/tuned_compare.py " + " ".join(
       argv if argv is not None else sys.argv[1:])
@@ -319,20 +402,28 @@ def main(argv=None):
   rss, t0 = {}, time.perf_counter()
   if os.path.exists(json_path):   # a resumed run keeps earlier processes' RSS
     rss = json.load(open(json_path)).get("peak_rss_mib", {})
-  for method, flags in methods:
+  summaries = {}
+  for method, flags, is_variant in methods:
     have = _records(args.jsonl, args)
-    peak = run_method(method, flags, base, args, have)
+    fixed_k = None
+    if is_variant:
+      ref = [r for r in have if r["method"] == REFERENCE]
+      if not ref:
+        raise SystemExit(f"--variants needs {REFERENCE}'s sweep first")
+      fixed_k = _best_k({r["k"]: r for r in ref if r["seed"] == 0})
+    peak = run_method(method, flags, base, args, have, fixed_k)
     records = _records(args.jsonl, args)
     if len(records) > len(have) or method not in rss:
       rss[method] = peak
     summaries = {m: summarize(records, m) for m, _ in METHODS}
+    variants = {v: summarize_variant(records, v) for v, _ in VARIANTS}
     header = [
         f"## Tuned comparison on `{args.config}` ({args.steps} steps of "
         f"{cfg.batch_size}x{cfg.seq_len} byte tokens, subspace update every "
         f"{args.update_interval}, rank {cfg.rank})", "",
         f"- command: `{command.strip()}`",
         f"- started {started.strftime('%Y-%m-%d %H:%M UTC')}; "
-        f"{(time.perf_counter() - t0) / 60:.0f} min for the methods of "
+        f"{(time.perf_counter() - t0) / 60:.0f} min for the runs of "
         "this invocation",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{platform.platform()}, Python {platform.python_version()} "
@@ -344,7 +435,7 @@ def main(argv=None):
     check_lines = checks(summaries, args.steps, args.update_interval,
                          cfg.rank, cfg.hidden)
     with open(os.path.join(args.out, f"compare{tag}.md"), "w") as f:
-      f.write(markdown(summaries, rss, header, check_lines))
+      f.write(markdown(summaries, rss, header, check_lines, variants))
     with open(json_path, "w") as f:
       json.dump({"command": command.strip(), "date": started.isoformat(),
                  "config": args.config, "steps": args.steps,
@@ -353,6 +444,7 @@ def main(argv=None):
                  "machine": {"platform": platform.platform(),
                              "cpus": os.cpu_count()},
                  "grids": {m: s["grid"] for m, s in summaries.items() if s},
+                 "variants": dict(VARIANTS),
                  "peak_rss_mib": rss, "records": records}, f, indent=1)
     print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {method} done",
           flush=True)

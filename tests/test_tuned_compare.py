@@ -6,7 +6,6 @@ run resumes from its records, and the checks say what holds."""
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
@@ -87,3 +86,37 @@ def test_regime_checks(tc):
   assert "8 subspace updates >= 10: DOES NOT HOLD" in lines[1]
   assert "rank 16 = hidden / 4 = 32: DOES NOT HOLD" in lines[2]
   assert all("holds" in l for l in tc.checks({}, 1000, 50, 32, 128))
+
+
+def test_variant_runs_every_seed_at_the_given_lr_only(tc, tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  tc.worker(_spec(tc, jsonl))                     # the reference "m"
+  spec = json.loads(_spec(tc, jsonl))
+  spec.update(method="v", fixed_k=-2)
+  tc.worker(json.dumps(spec))
+  recs = _read(jsonl)
+  ab = [(r["method"], r["k"], r["seed"], r["phase"]) for r in recs
+        if r["method"] == "v"]
+  assert ab == [("v", -2, s, "ab") for s in (0, 1, 2)]
+  v = tc.summarize_variant(recs, "v")
+  assert v["lr"] == 0.1 and v["seeds"] == [0, 1, 2]
+  assert tc.summarize(recs, "v") == {}            # not a tuned method
+  lines = tc.variant_lines({"v": v}, tc.summarize(recs, "m"))
+  assert any(l.startswith("| v | 2.0100") and "+0.0000" in l for l in lines)
+
+
+def test_eval_noise_of_differences(tc):
+  base = [1.0, 2.0, 3.0, 4.0]
+  runs = [{"seed": 0, "eval_batch_losses": base},
+          {"seed": 1, "eval_batch_losses": [x + 0.1 for x in base]},
+          {"seed": 2, "eval_batch_losses": [x + d for x, d in
+                                            zip(base, (0, .2, 0, .2))]}]
+  # Seeds 0-1 differ by a constant (no eval noise); 0-2 and 1-2 by
+  # (0, .2, 0, .2) up to a shift: standard error .1155 / 2 = .0577.
+  noise = tc.seed_difference_noise({"runs": runs})
+  assert noise == pytest.approx((0 + 2 * 0.2 / 3 ** 0.5 / 2) / 3, rel=1e-3)
+  ref = {"runs": [dict(runs[0], seed=s) for s in (0, 1, 2)]}
+  # Against a reference equal to seed 0's losses, only seed 2 differs
+  # by more than a constant.
+  assert tc.paired_eval_noise({"runs": runs}, ref) == pytest.approx(
+      0.2 / 3 ** 0.5 / 2 / 3, rel=1e-3)

@@ -47,6 +47,12 @@ COLLECTIVE = re.compile(
     r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|"
     r"collective-permute)(?:-start)?\(")
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+# Linear-algebra kernels among custom-call targets (XLA:TPU names its QR
+# "QrDecompositionBlock"/"CompactWyHelper", eigh "EighTpu", "Cholesky",
+# triangular solves "...LowerTriangular"; LAPACK's on CPU, cuSOLVER's on GPU).
+LINALG_CALL = re.compile(r"(?i)qr|eigh|cholesky|svd|triangular|compactwy|"
+                         r"lapack|cusolver|householder|lu_?decomp|getrf|"
+                         r"geqrf|syevd|potrf|gesdd")
 LEGEND = ("- sizes in MiB per chip (`memory_analysis()`); *gradient-sized*: "
           "collectives whose result is as large as the smallest projected "
           "matrix with no side <= 2 x rank (`d x r`, `d x 2r` and `r x D` "
@@ -71,6 +77,12 @@ def gradient_sized(dims: tuple, matrix: int, rank: int) -> bool:
   panel width (``<= 2 r``): a gathered gradient, not a ``d x r``,
   ``d x 2r`` or ``r x D`` panel."""
   return math.prod(dims) >= matrix and min(dims, default=0) > 2 * rank
+
+
+def linalg_calls(hlo_text: str) -> list:
+  """The linear-algebra custom-call targets in a compiled program's text."""
+  return sorted({t for t in CUSTOM_CALL.findall(hlo_text)
+                 if LINALG_CALL.search(t)})
 
 
 def _case(spec: dict) -> dict:
@@ -185,6 +197,7 @@ def _case(spec: dict) -> dict:
       "largest_collectives": sorted(collectives, key=lambda c: -math.prod(
           c[2]))[:8],
       "custom_calls": sorted(set(CUSTOM_CALL.findall(text))),
+      "linalg_custom_calls": linalg_calls(text),
       "hlo_lines": text.count("\n"),
   }
 

@@ -33,3 +33,26 @@ def test_child_that_prints_is_not_a_hang():
 def test_overall_bound():
   with pytest.raises(pytest.fail.Exception, match="still running"):
     _monitor.run(_child("while True: pass"), stall_s=60, total_s=3)
+
+
+def test_prestarted_worker_report_is_waited_for(tmp_path, monkeypatch):
+  script = tmp_path / "w.py"
+  script.write_text("import json, time\ntime.sleep(2)\n"
+                    "print(json.dumps({'ok': 1}))\n")
+  other = tmp_path / "x.py"
+  other.write_text("print('{\"ran\": \"here\"}')\n")
+  monkeypatch.setattr(_monitor, "_PRESTARTED", [])
+  _monitor.prestart([script])
+  assert _monitor._PRESTARTED[0].thread.is_alive()   # started, not done
+  assert _monitor.worker_report(script) == {"ok": 1}
+  assert _monitor.worker_report(other) == {"ran": "here"}   # not prestarted
+
+
+def test_prestarted_hang_fails_the_test(tmp_path, monkeypatch):
+  script = tmp_path / "w.py"
+  script.write_text("import time\ntime.sleep(60)\n")
+  monkeypatch.setattr(_monitor, "_PRESTARTED", [])
+  monkeypatch.setattr(_monitor, "STALL_S", 3)
+  _monitor.prestart([script])
+  with pytest.raises(pytest.fail.Exception, match="hung"):
+    _monitor.worker_report(script)

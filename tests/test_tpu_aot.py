@@ -17,6 +17,8 @@ not skipped).
 import importlib.util
 import pathlib
 
+import pytest
+
 from tests import _monitor
 
 WORKER = pathlib.Path(__file__).with_name("_tpu_worker.py")
@@ -27,8 +29,12 @@ def test_libtpu_is_installed():
       "libtpu is missing: pip install -e '.[test]' installs it")
 
 
-def test_v5e_2x2_train_step_structure():
-  report = _monitor.worker_report(WORKER)
+@pytest.fixture(scope="module")
+def report():
+  return _monitor.worker_report(WORKER)
+
+
+def test_v5e_2x2_train_step_structure(report):
   assert report["qr_probe"], "the linear-algebra check misses jnp.linalg.qr"
   update, train = report["subtrack update"], report["subtrack train"]
   adamw = report["adamw train"]

@@ -1,6 +1,7 @@
 """Optax citizenship: API, composition, dtypes, dimension numbers, errors."""
 
 import functools
+import inspect
 
 import chex
 import jax
@@ -289,7 +290,9 @@ def test_inside_chain_masked_and_partition():
 
 def test_inject_hyperparams_with_static_shape_arguments():
   inj = optax.inject_hyperparams(st.subtrack, static_args=st.STATIC_ARGS)
-  tx = inj(rank=R, update_interval=2, scale=0.25, step_size=0.5)
+  defaults = inspect.signature(st.subtrack).parameters
+  tx = inj(rank=R, update_interval=2, scale=defaults["scale"].default,
+           step_size=defaults["step_size"].default)
   plain = _tx(R, 2)
   a, state = _run(tx, 3)
   b, _ = _run(plain, 3)

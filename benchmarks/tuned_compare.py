@@ -238,16 +238,21 @@ def _difference_sem(a, b) -> float:
   return statistics.stdev(d) / len(d) ** 0.5
 
 
+def _mean_of_defined(xs) -> float:
+  """Mean of the values that are not NaN (NaN if there are none)."""
+  xs = [x for x in xs if x == x]
+  return statistics.fmean(xs) if xs else float("nan")
+
+
 def paired_eval_noise(s: dict, ref: dict) -> float:
   """The eval noise of a paired difference: the standard error over the
   (shared) eval batches of the per-batch loss differences, mean over
   seeds."""
   by_seed = {r["seed"]: r.get("eval_batch_losses") for r in ref.get("runs",
                                                                     [])}
-  sems = [_difference_sem(r.get("eval_batch_losses"), by_seed.get(r["seed"]))
-          for r in s.get("runs", []) if r["seed"] in by_seed]
-  sems = [x for x in sems if x == x]
-  return statistics.fmean(sems) if sems else float("nan")
+  return _mean_of_defined(
+      _difference_sem(r.get("eval_batch_losses"), by_seed.get(r["seed"]))
+      for r in s.get("runs", []) if r["seed"] in by_seed)
 
 
 def seed_difference_noise(s: dict) -> float:
@@ -255,11 +260,9 @@ def seed_difference_noise(s: dict) -> float:
   (standard error over the shared batches, mean over seed pairs): how much
   of a seed-to-seed difference the finite eval set alone could make."""
   runs = s.get("runs", [])
-  sems = [_difference_sem(a.get("eval_batch_losses"),
-                          b.get("eval_batch_losses"))
-          for i, a in enumerate(runs) for b in runs[i + 1:]]
-  sems = [x for x in sems if x == x]
-  return statistics.fmean(sems) if sems else float("nan")
+  return _mean_of_defined(
+      _difference_sem(a.get("eval_batch_losses"), b.get("eval_batch_losses"))
+      for i, a in enumerate(runs) for b in runs[i + 1:])
 
 
 def checks(summaries: dict, steps: int, interval: int, rank: int,

@@ -184,7 +184,7 @@ def worker_report(script) -> dict:
   count, so this process's ``XLA_FLAGS`` are dropped), or waits for its
   prestarted run, and returns the JSON object on its last stdout line."""
   got = _PRESTARTED[0].take(script) if _PRESTARTED else None
-  if got is None or got[0].returncode is None:
+  if got is None:
     cmd, env = _worker_cmd(script)
     got = _watch(cmd, env, None, STALL_S, TOTAL_S)
   proc = _checked(*got)

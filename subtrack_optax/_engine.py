@@ -12,8 +12,9 @@ nothing otherwise) and then :func:`~subtrack_optax._step.regular_step`:
   moments, recovery norms; the state is donated, the gradients are the
   transform's input), and each item's update is written over its gradient:
   the update tree is written in place of the gradient tree;
-- :func:`pick` copies item ``j`` out (a switch over the group's leaves, a
-  dynamic index over a leaf's batch slices), :func:`put` writes its results
+- :func:`~subtrack_optax._items.pick` copies item ``j`` out (a switch over
+  the group's leaves, a dynamic index over a leaf's batch slices),
+  :func:`~subtrack_optax._items.put` writes its results
   back (per leaf, a loop of zero or one trip on ``leaf == i`` around a
   dynamic update; a switch would copy every leaf it passes through);
 - so the program holds one matrix's update once per group, not once per
@@ -24,7 +25,7 @@ nothing otherwise) and then :func:`~subtrack_optax._step.regular_step`:
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,29 +33,14 @@ import numpy as np
 
 from subtrack_optax import _equations
 from subtrack_optax import _frame
+from subtrack_optax import _items
 from subtrack_optax import _sharding
 from subtrack_optax import _step
 
-__all__ = ["Leaves", "group_leaves", "batch_index", "pick", "put",
-           "sweep_group", "update_projected"]
+__all__ = ["group_leaves", "sweep_group", "sweep_unrolled",
+           "update_projected"]
 
-
-class Leaves(NamedTuple):
-  """Per projected leaf (lists aligned): what the update reads and writes.
-
-  Attributes:
-    gs: gradients on input, updates on output (the leaf's shape and dtype).
-    bases: ``S`` (``(batch..., d, r)``, the stored dtype).
-    mus: first moments ``(batch..., r, D)``.
-    nus: second moments.
-    prevs: recovery norms ``(batch...)``.
-  """
-
-  gs: list
-  bases: list
-  mus: list
-  nus: list
-  prevs: list
+Leaves = _items.Leaves
 
 
 def _grouped(keys) -> list[list[int]]:
@@ -84,81 +70,10 @@ def group_leaves(frames: Sequence[_frame.Frame],
       for f, g, s, mu, nu, p in zip(frames, *leaves))
 
 
-# ------------------------------------------------------------ pick and put --
-# A leaf's arrays have its batch axes in front (the gradient in the order of
-# Frame.ordered); item b of a leaf is the slice at the batch multi-index of b.
-
-
-def _index(a: jax.Array, idx: tuple) -> jax.Array:
-  """``a[idx]`` for a (possibly empty) tuple of scalar indices."""
-  if not idx:
-    return a
-  n = len(idx)
-  out = jax.lax.dynamic_slice(a, idx + (0,) * (a.ndim - n),
-                              (1,) * n + a.shape[n:])
-  return out.reshape(a.shape[n:])
-
-
-def _update(a: jax.Array, idx: tuple, v: jax.Array) -> jax.Array:
-  """``a`` with ``a[idx] = v``, in place (``v`` itself if ``idx`` is empty),
-  ``v`` laid out as ``a``'s slices."""
-  n = len(idx)
-  v = _sharding.like_slice(v, a, n)
-  if not idx:
-    return v
-  return jax.lax.dynamic_update_slice(a, v.reshape((1,) * n + v.shape),
-                                      idx + (0,) * (a.ndim - n))
-
-
-def batch_index(frame: _frame.Frame, batch: jax.Array) -> tuple:
-  """The multi-index over the leaf's batch axes of flat item ``batch``."""
-  shape = frame.plan.batch_shape
-  return tuple(jnp.unravel_index(batch, shape)) if shape else ()
-
-
-def pick(getters: Sequence[Callable], leaf: jax.Array,
-         batch: jax.Array) -> tuple:
-  """``getters[leaf](batch)``: one item copied out (a switch over the
-  leaves; the getters read the arrays they close over)."""
-  if len(getters) == 1:
-    return getters[0](batch)
-  return jax.lax.switch(leaf, list(getters), batch)
-
-
-def put(setters: Sequence[Callable], carry: tuple, leaf: jax.Array,
-        batch: jax.Array, new: tuple) -> tuple:
-  """``carry`` with ``carry[leaf] = setters[leaf](carry[leaf], batch, new)``.
-
-  Per leaf ``i`` a loop of ``leaf == i`` trips around its setter (a dynamic
-  update): a loop updates its carry in place and one that does not run
-  touches nothing, whereas a switch would copy every leaf it passes through.
-  """
-  if len(carry) == 1:
-    return (setters[0](carry[0], batch, new),)
-  out = []
-  for i, (setter, arrays) in enumerate(zip(setters, carry)):
-    trips = (leaf == i).astype(jnp.int32)
-    _, arrays = jax.lax.while_loop(
-        lambda loop: loop[0] < trips,
-        lambda loop, setter=setter: (loop[0] + 1,
-                                     setter(loop[1], batch, new)),
-        (jnp.zeros([], jnp.int32), tuple(arrays)))
-    out.append(arrays)
-  return tuple(out)
-
-
-def _tables(frames: Sequence[_frame.Frame]) -> tuple:
-  """Per item of ``frames``' leaves: its leaf and its flat batch index."""
-  sizes = [math.prod(f.plan.batch_shape) for f in frames]
-  leaf_of = np.repeat(np.arange(len(frames)), sizes).astype(np.int32)
-  batch_of = np.concatenate([np.arange(n) for n in sizes]).astype(np.int32)
-  return sizes, leaf_of, batch_of
-
-
 def _get(f: _frame.Frame, arrays: tuple, b: jax.Array) -> tuple:
   """Item ``b`` of a leaf: its matrix as it lies, and its state."""
-  idx = batch_index(f, b)
-  g, *state = (_index(a, idx) for a in arrays)
+  idx = _items.batch_index(f, b)
+  g, *state = (_items.slice_at(a, idx) for a in arrays)
   return (f.item_matrix(g), *state)
 
 
@@ -171,11 +86,11 @@ def _set(f: _frame.Frame, arrays: tuple, b: jax.Array, new: tuple) -> tuple:
   ``U``; inside the sweep's loop it is not loop-invariant).
   """
   sw, phi, *state = new
-  idx = batch_index(f, b)
-  x = f.item_matrix(_index(arrays[0], idx))
+  idx = _items.batch_index(f, b)
+  x = f.item_matrix(_items.slice_at(arrays[0], idx))
   u = _equations.add_recovery(f, sw, x.astype(jnp.float32), phi)
   values = (f.item_unmatrix(u.astype(x.dtype)), *state)
-  return tuple(_update(a, idx, v) for a, v in zip(arrays, values))
+  return tuple(_items.write_at(a, idx, v) for a, v in zip(arrays, values))
 
 
 def _item_step(cfg, frame: _frame.Frame, count, count_inc, key, phase,
@@ -192,10 +107,6 @@ def _item_step(cfg, frame: _frame.Frame, count, count_inc, key, phase,
           prev_new.astype(jnp.float32))
 
 
-def _item_key(root: jax.Array, path_hash, batch) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(root, path_hash), batch)
-
-
 def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
                 frames: Sequence[_frame.Frame], phases: Sequence[int],
                 leaves: Leaves) -> Leaves:
@@ -204,7 +115,8 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
   only when the item is due), then its regular step
   (:func:`~subtrack_optax._step.regular_step`).
 
-  The loop carries each leaf's gradient and state; :func:`put` writes each
+  The loop carries each leaf's gradient and state;
+  :func:`~subtrack_optax._items.put` writes each
   item's update over its gradient.
 
   Args:
@@ -218,7 +130,7 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
   Returns:
     The group's updates (each leaf's shape and dtype) and new state.
   """
-  sizes, leaf_of, batch_of = _tables(frames)
+  sizes, leaf_of, batch_of = _items.tables(frames)
   hashes = np.repeat([f.plan.path_hash for f in frames], sizes)
   # Phases are Python ints (a constant table), or traced if update_interval
   # is injected (optax.inject_hyperparams).
@@ -229,13 +141,13 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
 
   def body(j, carry):
     leaf, batch = jnp.asarray(leaf_of)[j], jnp.asarray(batch_of)[j]
-    item = pick([functools.partial(_get, f, a) for f, a in zip(frames, carry)],
-                leaf, batch)
-    key = _item_key(root, jnp.asarray(hashes, jnp.uint32)[j], batch)
+    item = _items.pick([functools.partial(_get, f, a)
+                        for f, a in zip(frames, carry)], leaf, batch)
+    key = _items.item_key(root, jnp.asarray(hashes, jnp.uint32)[j], batch)
     new = _item_step(cfg, frame, count, count_inc, key,
                      jnp.asarray(phase_of)[j], item)
-    return put([functools.partial(_set, f) for f in frames], carry, leaf,
-               batch, new)
+    return _items.put([functools.partial(_set, f) for f in frames], carry,
+                      leaf, batch, new)
 
   carry = tuple((f.ordered(g), s, mu, nu, p) for f, g, s, mu, nu, p in
                 zip(frames, *leaves))
@@ -258,7 +170,7 @@ def sweep_unrolled(cfg, count: jax.Array, count_inc: jax.Array,
     arrays = (f.ordered(g), s, mu, nu, p)
     for b in range(math.prod(f.plan.batch_shape)):
       b = jnp.int32(b)
-      key = _item_key(root, jnp.uint32(f.plan.path_hash), b)
+      key = _items.item_key(root, jnp.uint32(f.plan.path_hash), b)
       new = _item_step(cfg, f, count, count_inc, key, phase,
                        _get(f, arrays, b), differentiable=True)
       arrays = _set(f, arrays, b, new)

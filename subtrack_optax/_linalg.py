@@ -36,8 +36,10 @@ __all__ = [
     "top_eigvec_psd",
     "reorthonormalize_if_needed",
     "reorthonormalize",
+    "gram_apply",
+    "top_eigvecs_of_gram",
+    "start_block",
     "top_left_singular_vectors",
-    "top_left_singular_vectors_multi",
     "safe_frobenius_norm",
     "flatten_batch",
     "subspace_iterations",
@@ -362,67 +364,91 @@ def safe_frobenius_norm(x: jax.Array) -> jax.Array:
   return scale * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1)))
 
 
-def top_left_singular_vectors_multi(xs: Sequence[jax.Array],
-                                    rank: int) -> list[jax.Array]:
-  """:func:`top_left_singular_vectors` of several matrices of one shape.
+def gram_apply(x: jax.Array, q: jax.Array, inv: jax.Array,
+               transposed: bool = False) -> jax.Array:
+  r"""``X_n X_n^T Q`` with ``X_n = inv * X``, ``X`` taken as it lies.
 
-  ``xs`` are arrays ``(batch_i..., d, D)`` with a common ``(d, D)``. The
-  products with each ``X`` are taken leaf by leaf (no stacked copy of the
-  matrices); the small ``d x k`` panels and ``k x k`` matrices of all leaves
-  are stacked, so the Householder and Jacobi loops are traced once for the
-  whole group (compile time does not grow with the number of leaves).
+  .. math:: Y = \mathrm{inv}\,X\,(\mathrm{inv}\,X^T Q)
 
-  A matrix with a non-finite entry gets the first ``rank`` unit vectors.
+  (each factor scaled, so nothing overflows for a large ``X``).
+  ``transposed``: ``x`` is ``X^T`` (``(..., D, d)``); the products are
+  taken with it as it lies (no transposed copy).
+
+  Args:
+    x: ``X`` ``(..., d, D)`` (or ``X^T`` if ``transposed``), float32.
+    q: ``(..., d, k)``.
+    inv: the scale, broadcastable to ``(..., 1, 1)``.
+    transposed: see above.
+
+  Returns:
+    ``(..., d, k)`` float32.
   """
-  shapes = [x.shape for x in xs]
-  xs = [flatten_batch(x).astype(jnp.float32) for x in xs]
-  sizes = [x.shape[0] for x in xs]
-  d, big_d = xs[0].shape[-2:]
-  k = min(d, 2 * rank)
-  norms = [safe_frobenius_norm(x) for x in xs]
-  inv = jnp.concatenate([jnp.where(n > 0, 1.0 / n, 0.0) for n in norms])
-  inv = inv[:, None, None]
-  split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1], axis=0)
-  # X (X^T Q) of every leaf, each factor scaled by 1/||X|| (no overflow).
-  apply = lambda q: inv * jnp.concatenate([
-      matmul(x, inv_i * matmul(_mT(x), qi))
-      for x, qi, inv_i in zip(xs, split(q), split(inv))])
-  # Fixed Gaussian start block: deterministic, independent of the data;
-  # drawn at trace time (a constant of the program, not code to compile).
-  with jax.ensure_compile_time_eval():
-    omega = jax.random.normal(jax.random.key(0x5B7), (big_d, k), jnp.float32)
-  y = inv * jnp.concatenate([matmul(x, omega) for x in xs])
+  if transposed:
+    return inv * _mT(matmul(_mT(inv * matmul(x, q)), x))
+  return inv * matmul(x, inv * matmul(_mT(x), q))
+
+
+def top_eigvecs_of_gram(apply, q0: jax.Array, rank: int,
+                        finite: jax.Array) -> jax.Array:
+  r"""Top-``rank`` eigenvectors of a PSD operator ``apply`` (``X X^T``).
+
+  Subspace iteration from the block ``q0`` (``(d, k)``, ``k >= rank``):
+  ``Y_i = apply(Q_i)``, ``Q_{i+1} = orth(Y_i)`` (Householder,
+  :func:`householder_orthonormalize`), :func:`subspace_iterations` times,
+  then Rayleigh-Ritz: the ``k x k`` matrix ``Q^T apply(Q)`` is diagonalized
+  by Jacobi (:func:`sym_eig`) and the Ritz vectors ``Q W`` are returned in
+  descending order of eigenvalue. ``apply`` is called at one place in the
+  program (inside the loop) and the Householder and Jacobi loops are traced
+  once, whatever ``apply`` is: the gradient is seen only through it.
+
+  Args:
+    apply: ``Q -> X X^T Q`` (``(d, k) -> (d, k)``, float32), scaled as the
+      caller likes.
+    q0: the start block ``(d, k)``.
+    rank: number of vectors.
+    finite: False gives the first ``rank`` unit vectors (a non-finite
+      ``X``).
+
+  Returns:
+    ``(d, rank)`` float32 with orthonormal columns.
+  """
+  d, k = q0.shape[-2:]
   iters = subspace_iterations(rank, k)
+  orth = lambda y: householder_orthonormalize(jnp.where(jnp.isfinite(y), y,
+                                                        0.0))
 
-  def step(i, yq):
-    # Q_i = orth(Y_i), Y_{i+1} = X X^T Q_i; the last pass only orthonormalizes
-    # (one copy of the Householder loop in the program).
-    y, _ = yq
-    q = householder_orthonormalize(jnp.where(jnp.isfinite(y), y, 0.0))
-    y = jax.lax.cond(i < iters, apply, lambda q: y, q)
-    return y, q
+  def step(i, qy):
+    # The last pass only applies (its Q is the Rayleigh-Ritz basis): one
+    # copy of apply and of the Householder loop in the program.
+    q, _ = qy
+    y = apply(q)
+    return jax.lax.cond(i < iters, orth, lambda y: q, y), y
 
-  _, q = jax.lax.fori_loop(0, iters + 1, step, (y, y))
-  b = [inv_i * matmul(_mT(qi), x) for x, qi, inv_i in zip(xs, split(q),
-                                                         split(inv))]
-  _, w = sym_eig(jnp.concatenate([matmul(bi, _mT(bi)) for bi in b]))
+  q, y = jax.lax.fori_loop(0, iters + 1, step, (q0, q0))
+  _, w = sym_eig(matmul(_mT(q), y))
   s = matmul(q, w[..., :, :rank])
-  finite = jnp.concatenate([jnp.isfinite(n) for n in norms])[:, None, None]
   unit = (jnp.arange(d)[:, None] == jnp.arange(rank)[None, :])
-  s = jnp.where(finite & jnp.all(jnp.isfinite(s), axis=(-2, -1),
-                                 keepdims=True), s, unit.astype(s.dtype))
-  return [si.reshape(shape[:-2] + (d, rank))
-          for si, shape in zip(split(s), shapes)]
+  ok = finite & jnp.all(jnp.isfinite(s), axis=(-2, -1), keepdims=True)
+  return jnp.where(ok, s, unit.astype(s.dtype))
+
+
+def start_block(d: int, rank: int) -> jax.Array:
+  """The fixed Gaussian start block ``(d, min(d, 2 rank))`` of the subspace
+  iteration: deterministic, independent of the data; drawn at trace time
+  (a constant of the program, not code to compile)."""
+  with jax.ensure_compile_time_eval():
+    return jax.random.normal(jax.random.key(0x5B7), (d, min(d, 2 * rank)),
+                             jnp.float32) / math.sqrt(d)
 
 
 def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
   """Top-``rank`` left singular vectors of ``x`` (``..., d, D``).
 
-  Subspace (block power) iteration on ``X X^T`` with an oversampled block of
-  ``k = min(d, 2 * rank)`` columns, each iterate orthonormalized by
-  Householder reflections, then Rayleigh-Ritz: the ``k x k`` matrix
-  ``B B^T`` with ``B = Q^T X`` is diagonalized by Jacobi and the Ritz vectors
-  ``Q W`` are returned in descending order of singular value. Columns are
+  :func:`top_eigvecs_of_gram` of ``X_n X_n^T`` (``X_n = X / ||X||_F``,
+  :func:`gram_apply`) from a fixed Gaussian block of ``k = min(d, 2 * rank)``
+  columns (:func:`start_block`): subspace iteration with Householder
+  orthonormalization, then Rayleigh-Ritz by Jacobi; the Ritz vectors are
+  returned in descending order of singular value. Columns are
   orthonormal for any input, zero and rank-deficient ``x`` included; a
   matrix with a non-finite entry gets the first ``rank`` unit vectors.
 
@@ -439,4 +465,10 @@ def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
     >>> top_left_singular_vectors(x, 4).shape
     (16, 4)
   """
-  return top_left_singular_vectors_multi([x.astype(jnp.float32)], rank)[0]
+  x = x.astype(jnp.float32)
+  norm = safe_frobenius_norm(x)[..., None, None]
+  inv = jnp.where(norm > 0, 1.0 / norm, 0.0)
+  q0 = start_block(x.shape[-2], rank)
+  q0 = jnp.broadcast_to(q0, x.shape[:-1] + q0.shape[-1:])
+  return top_eigvecs_of_gram(lambda q: gram_apply(x, q, inv), q0, rank,
+                             jnp.isfinite(norm))

@@ -1,9 +1,10 @@
 """The update of one projected matrix: its subspace update, then its step.
 
 Everything here sees one matrix: its gradient as it lies (``m x n``; the
-subspace update forms its canonical frame ``X``, ``d x D``, inside its
-branch), its basis ``S`` (``d x r``, stored dtype), its moments (``r x D``)
-and its recovery norm; :mod:`subtrack_optax._engine` sweeps a model's
+subspace update sees its canonical ``X``, ``d x D``, only through ``X X^T
+Q`` and ``||X||``, :class:`XOps`, taken with the matrix as it lies), its
+basis ``S`` (``d x r``, stored dtype), its moments (``r x D``) and its
+recovery norm; :mod:`subtrack_optax._engine` sweeps a model's
 matrices through :func:`subspace_step` and :func:`regular_step` one at a
 time.
 
@@ -21,6 +22,7 @@ time.
 the matrix's :class:`~subtrack_optax._frame.Frame` (its orientation).
 """
 
+import functools
 import types
 from typing import Callable, NamedTuple, Sequence
 
@@ -33,8 +35,9 @@ from subtrack_optax import _linalg
 from subtrack_optax import _sharding
 from subtrack_optax import _tracking
 
-__all__ = ["Item", "REFRESH", "branch_index", "run_if_due", "subspace_step",
-           "regular_step"]
+__all__ = ["Item", "XOps", "matrix_ops", "REFRESH", "branch_index",
+           "subspace_branch", "run_if_due", "new_basis", "transport",
+           "subspace_step", "regular_step"]
 
 
 class Item(NamedTuple):
@@ -53,40 +56,97 @@ class Item(NamedTuple):
   theta: jax.Array
 
 
+# ----------------------------------------------- the gradient, as seen --
+
+
+class XOps(NamedTuple):
+  """The gradient matrix ``X`` (``d x D``) as the subspace update sees it:
+  only through these two functions, so the subspace update's code is the
+  same for every ``D`` (the model-wide sweep, :mod:`subtrack_optax._subspace`,
+  dispatches them to the item's own matrix).
+
+  Attributes:
+    gram: ``(Q, inv) -> inv X (inv X^T Q)`` (``(d, k) -> (d, k)``, float32).
+    norm: ``() -> ||X||_F`` (non-finite if ``X`` is).
+  """
+
+  gram: Callable
+  norm: Callable
+
+
+def matrix_ops(frame: _frame.Frame, x: jax.Array) -> XOps:
+  """:class:`XOps` of one matrix ``x`` as it lies (``m x n``; no copy, no
+  transpose: the products are oriented by the frame)."""
+  x = x.astype(jnp.float32)
+  transposed = not frame.basis_on_rows
+  return XOps(
+      lambda q, inv: _linalg.gram_apply(x, q, inv, transposed=transposed),
+      lambda: _linalg.safe_frobenius_norm(x))
+
+
+def _inverse(norm):
+  return jnp.where(norm > 0, 1.0 / norm, 0.0)
+
+
 # --------------------------------------------------------- the refreshes --
 
 
-def _track_one(cfg, count, key, x, s) -> Item:
+def _top_basis(cfg, ops: XOps, s, norm) -> jax.Array:
+  """``S = `` the top-``r`` left singular vectors of ``X`` (first ``r`` unit
+  vectors if ``X`` is not finite)."""
+  q0 = _sharding.like(_linalg.start_block(s.shape[-2], cfg.rank), s)
+  inv = _inverse(norm)
+  return _linalg.top_eigvecs_of_gram(lambda q: ops.gram(q, inv), q0,
+                                     cfg.rank, jnp.isfinite(norm))
+
+
+def _first(cfg, ops, count, key, s) -> Item:
+  """Step 0: the top-``r`` left singular vectors (nothing to transport)."""
+  del count, key
+  basis = _top_basis(cfg, ops, s, ops.norm())
+  change = (jnp.zeros(s.shape[-1:], jnp.float32)
+            if cfg.subspace_update == "grassmann" else jnp.zeros(
+                s.shape[-1:] * 2, jnp.float32))
+  return Item(basis, change, jnp.zeros([]))
+
+
+def _track_one(cfg, ops, count, key, s) -> Item:
   """``grassmann``: one rank-1 geodesic step (keeps ``S`` on bad input)."""
   del count, key
-  steps = _tracking.grassmann_step_multi([s], [x], cfg.step_size,
-                                         cfg.normalize_tracking)
-  return Item(steps.bases[0], steps.axes[0], steps.thetas[0])
+  norm = ops.norm()
+  inv = _inverse(norm) if cfg.normalize_tracking else jnp.ones([])
+  step = _tracking.geodesic_step(s, ops.gram(s, inv), jnp.isfinite(norm),
+                                 cfg.step_size)
+  return Item(step.basis, step.axis, step.theta)
 
 
-def _replacing(x, new, old) -> Item:
+def _replacing(finite, new, old) -> Item:
   """``new`` (``old`` where ``X`` is not finite) and ``C = new^T old``."""
-  new = jnp.where(jnp.all(jnp.isfinite(x)), new, old)
+  new = jnp.where(finite, new, old)
   return Item(new, eq.change_of_basis(new, old), jnp.zeros([]))
 
 
-def _svd_one(cfg, count, key, x, s) -> Item:
-  """``svd`` (GaLore): the top-``r`` left singular vectors of ``X``."""
+def _svd_one(cfg, ops, count, key, s, idx=2) -> Item:
+  """``svd`` (GaLore): the top-``r`` left singular vectors of ``X`` (at
+  ``idx`` 1, the first basis, the unit vectors for a non-finite ``X``)."""
   del count, key
-  return _replacing(x, _linalg.top_left_singular_vectors(x, cfg.rank), s)
+  norm = ops.norm()
+  return _replacing(jnp.isfinite(norm) | (idx == 1),
+                    _top_basis(cfg, ops, s, norm), s)
 
 
-def _random_one(cfg, count, key, x, s) -> Item:
+def _random_one(cfg, ops, count, key, s) -> Item:
   """``random`` (GoLore): orthonormalized Gaussians keyed by seed, leaf,
   batch slice and step."""
   key = jax.random.fold_in(key, count)
   draw = _sharding.like(jax.random.normal(key, s.shape, jnp.float32), s)
-  return _replacing(x, _linalg.householder_orthonormalize(draw), s)
+  return _replacing(jnp.isfinite(ops.norm()),
+                    _linalg.householder_orthonormalize(draw), s)
 
 
 REFRESH: types.MappingProxyType = types.MappingProxyType({
     "grassmann": _track_one, "svd": _svd_one, "random": _random_one})
-# "frozen" keeps the first basis: it has no refresh (see subspace_step).
+# "frozen" keeps the first basis: it has no refresh (see subspace_branch).
 
 
 # ----------------------------------------------------------------- gating --
@@ -100,6 +160,12 @@ def branch_index(count: jax.Array, phase, interval: int) -> jax.Array:
   """
   due = (count >= phase) & ((count - phase) % interval == 0)
   return jnp.where(count == 0, 1, jnp.where(due, 2, 0)).astype(jnp.int32)
+
+
+def subspace_branch(cfg, count: jax.Array, phase) -> jax.Array:
+  """:func:`branch_index` of the mode (``frozen`` never refreshes)."""
+  idx = branch_index(count, phase, cfg.update_interval)
+  return jnp.where(idx == 1, 1, 0) if cfg.subspace_update == "frozen" else idx
 
 
 def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
@@ -132,45 +198,54 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
   return carry
 
 
-# ---------------------------------------------------------- the two steps --
+# ---------------------------------------------------- the subspace update --
 
 
-def _canonical(frame, x):
-  return frame.to_canonical(x.astype(jnp.float32))
+def new_basis(cfg, ops: XOps, count: jax.Array, key: jax.Array,
+              idx: jax.Array, s: jax.Array) -> Item:
+  """The first basis (``idx`` 1) or the mode's refresh (``idx`` 2) of one
+  matrix seen through ``ops``; ``s`` float32. (Called only where ``idx >
+  0``.) In ``svd`` mode both are the same top-``r`` basis: one copy of it
+  in the program, the old basis kept on a non-finite refresh."""
+  if cfg.subspace_update == "frozen":
+    return _first(cfg, ops, count, key, s)
+  if cfg.subspace_update == "svd":
+    return _svd_one(cfg, ops, count, key, s, idx)
+  branches = [functools.partial(f, cfg, ops)
+              for f in (_first, REFRESH[cfg.subspace_update])]
+  return jax.lax.switch(idx - 1, branches, count, key, s)
 
 
-def _first(cfg, frame, x, s, mu, nu):
-  """Step 0: ``S = top_r SVD(X)`` (the moments are zero: nothing moves)."""
-  x = _canonical(frame, x)
-  return _linalg.top_left_singular_vectors(x, cfg.rank).astype(s.dtype), mu, nu
-
-
-def _refresh(cfg, frame, count, key, x, s, mu, nu):
-  """The mode's new basis, and the moments transported into it."""
-  item = REFRESH[cfg.subspace_update](cfg, count, key, _canonical(frame, x),
-                                      s.astype(jnp.float32))
-  if cfg.transport is not None:
-    rank1 = cfg.subspace_update == "grassmann"
-    mu, nu = eq.transport_moments(
-        None, None, mu, nu,
-        rotation=(item.change, item.theta) if rank1 else None,
-        change=None if rank1 else item.change, form=cfg.transport,
-        count=count, b1=cfg.b1, b2=cfg.b2)
-  return item.basis.astype(s.dtype), mu, nu
+def transport(cfg, count: jax.Array, item: Item, mu: jax.Array,
+              nu: jax.Array) -> tuple:
+  """The moments moved into ``item.basis``
+  (:func:`~subtrack_optax._equations.transport_moments`: the rank-1 form
+  after a geodesic step, else ``C = S'^T S``); unchanged without transport."""
+  if cfg.transport is None:
+    return mu, nu
+  rank1 = cfg.subspace_update == "grassmann"
+  return eq.transport_moments(
+      None, None, mu, nu, rotation=(item.change, item.theta) if rank1 else None,
+      change=None if rank1 else item.change, form=cfg.transport, count=count,
+      b1=cfg.b1, b2=cfg.b2)
 
 
 def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
                   key: jax.Array, phase, x: jax.Array, s: jax.Array,
                   mu: jax.Array, nu: jax.Array,
                   differentiable: bool = False) -> tuple:
-  """The first basis (step 0) or a refresh (when due at ``phase``).
+  """One matrix's first basis (step 0) or refresh (when due at ``phase``),
+  and its moments transported (on a refresh).
 
-  ``differentiable`` (the form derivatives are taken of, see
-  :func:`subtrack_optax._engine.update_projected`): a switch instead of the
-  0/1-trip loop, and the new basis is a function of ``stop_gradient(X)``
-  and ``stop_gradient(S)``: derivatives flow through the moment transport
-  and the regular step, not through the eigensolvers (which iterate to
-  convergence in ``while_loop`` form).
+  Two 0/1-trip loops (:func:`run_if_due`): the new basis
+  (:func:`new_basis`) when anything is due, inside it the moment transport
+  (:func:`transport`) on a refresh. ``differentiable`` (the form
+  derivatives are taken of, see
+  :func:`subtrack_optax._engine.update_projected`): switches instead of the
+  loops, and the new basis is a function of
+  ``stop_gradient(X)`` and ``stop_gradient(S)``: derivatives flow through
+  the moment transport and the regular step, not through the eigensolvers
+  (which iterate to convergence in ``while_loop`` form).
 
   Args:
     cfg: the transform's config.
@@ -179,8 +254,7 @@ def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
     key: the matrix's key (``random`` mode).
     phase: the step at which this matrix's ``k``-step window starts (0
       without ``stagger``).
-    x: the matrix as it lies (its canonical ``X`` is formed inside the
-      branch, so a regular step makes no transposed copy).
+    x: the matrix as it lies.
     s: its basis (stored dtype).
     mu: first moments (stored dtype).
     nu: second moments.
@@ -188,15 +262,21 @@ def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
   Returns:
     ``(S, M, V)``, unchanged on a step with nothing due.
   """
-  idx = branch_index(count, phase, cfg.update_interval)
+  idx = subspace_branch(cfg, count, phase)
   const = jax.lax.stop_gradient if differentiable else (lambda a: a)
-  first = lambda x, s, mu, nu: _first(cfg, frame, const(x), const(s), mu, nu)
-  if cfg.subspace_update == "frozen":
-    return run_if_due(jnp.where(idx == 1, 1, 0), [first], x, (s, mu, nu),
-                      differentiable)
-  refresh = lambda x, s, mu, nu: _refresh(cfg, frame, count, key, const(x),
-                                          const(s), mu, nu)
-  return run_if_due(idx, [first, refresh], x, (s, mu, nu), differentiable)
+
+  def due(x, s, mu, nu):
+    item = new_basis(cfg, matrix_ops(frame, const(x)), count, key, idx,
+                     const(s).astype(jnp.float32))
+    if cfg.transport is not None and cfg.subspace_update != "frozen":
+      mu, nu = run_if_due(
+          (idx == 2).astype(jnp.int32),
+          [lambda _, mu, nu: transport(cfg, count, item, mu, nu)], None,
+          (mu, nu), differentiable)
+    return item.basis.astype(s.dtype), mu, nu
+
+  return run_if_due(jnp.minimum(idx, 1), [due], x, (s, mu, nu),
+                    differentiable)
 
 
 def regular_step(cfg, frame: _frame.Frame, g: jax.Array, basis: jax.Array,

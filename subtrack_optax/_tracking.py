@@ -9,11 +9,11 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from subtrack_optax import _linalg
 
-__all__ = ["TrackSteps", "grassmann_step", "grassmann_step_multi"]
+__all__ = ["TrackSteps", "GeodesicStep", "geodesic_step", "grassmann_step",
+           "grassmann_step_multi"]
 
 
 class TrackSteps(NamedTuple):
@@ -90,11 +90,9 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
                          ) -> TrackSteps:
   """:func:`grassmann_step` for several matrices of one shape ``(d, D)``.
 
-  Everything is computed leaf by leaf except the top eigenvector of the
-  ``r x r`` Gram matrices, which runs once on them stacked (its loop is
-  traced once per group), and the re-orthonormalization decision, one for
-  the group (:func:`~subtrack_optax._linalg.reorthonormalize_if_needed`).
-  ``X_n = X / ||X||_F`` is never materialized: the products are scaled.
+  Leaf by leaf: ``Y = X_n X_n^T S`` (:func:`~subtrack_optax._linalg.gram_apply`;
+  ``X_n = X / ||X||_F`` is never materialized: the products are scaled),
+  then :func:`geodesic_step` (a leaf's batch slices at once).
 
   Since ``(I - S S^T) S = 0``, the tangent is
   ``T = -2 (I - S S^T) X_n A^T``: the ``r x D x r`` product ``A A^T`` of the
@@ -125,53 +123,100 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
   """
   mm = _linalg.matmul
   mt = lambda a: jnp.swapaxes(a, -1, -2)
-  hp = _linalg.HIGHEST
   flat = _linalg.flatten_batch  # (batch..., a, b) -> (prod(batch), a, b)
   transposed = transposed or [False] * len(xs)
   if projections is None:
     projections = [None] * len(xs)
-  leaves = []
-  for s, x, p, t in zip(ss, xs, projections, transposed):
-    s, x = flat(s).astype(jnp.float32), flat(x).astype(jnp.float32)
-    norm = _linalg.safe_frobenius_norm(x)
-    inv = (jnp.where(norm > 0, 1.0 / norm, 0.0) if normalize
-           else jnp.ones_like(norm))[:, None, None]
-    # A = S^T X_n (r, D) and X_n A^T (d, r), X taken as it lies.
-    a = inv * (flat(p) if p is not None
-               else mt(mm(x, s)) if t else mm(mt(s), x))
-    xat = inv * (mt(mm(a, x)) if t else mm(x, mt(a)))
-    tangent = -2.0 * (xat - mm(s, mm(mt(s), xat)))
-    leaves.append((s, x, jnp.isfinite(norm), tangent))
-  # Only the r x r Gram matrices are stacked: one eigen-solver for the group.
-  grams = [mm(mt(tangent), tangent) for *_, tangent in leaves]
-  axes = jnp.split(_linalg.top_eigvec_psd(jnp.concatenate(grams)),
-                   np.cumsum([len(g) for g in grams])[:-1])
-  steps = []
-  for (s, x, finite, tangent), gram, v in zip(leaves, grams, axes):
-    sigma_sq = jnp.einsum("...i,...ij,...j->...", v, gram, v, precision=hp)
-    sigma = jnp.sqrt(jnp.maximum(sigma_sq, 0.0))
-    ok = finite & (sigma > 0) & jnp.isfinite(sigma)
-    u = jnp.einsum("...dr,...r->...d", tangent, v, precision=hp) / jnp.where(
-        ok, sigma, 1.0)[..., None]
-    theta = jnp.where(ok, step_size * sigma, 0.0)
-    sv = jnp.einsum("...dr,...r->...d", s, v, precision=hp)
-    w = (sv * (jnp.cos(theta) - 1.0)[..., None]
-         - u * jnp.sin(theta)[..., None])                     # (d,)
-    steps.append((s + w[..., :, None] * v[..., None, :], ok, theta, w))
-  s_news = _linalg.reorthonormalize_if_needed([step[0] for step in steps])
   out = TrackSteps([], [], [], [])
-  for (s, x, *_), (_, ok, theta, w), s_new, v, shape, p, t in zip(
-      leaves, steps, s_news, axes, [si.shape for si in ss], projections,
-      transposed):
-    ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
-    out.bases.append(jnp.where(ok[:, None, None], s_new, s).reshape(shape))
-    out.thetas.append(jnp.where(ok, theta, 0.0).reshape(shape[:-2]))
-    out.axes.append(v.reshape(shape[:-2] + shape[-1:]))
+  for s0, x, p, t in zip(ss, xs, projections, transposed):
+    s, x = flat(s0).astype(jnp.float32), flat(x).astype(jnp.float32)
+    norm = _linalg.safe_frobenius_norm(x)[:, None, None]
+    inv = (jnp.where(norm > 0, 1.0 / norm, 0.0) if normalize
+           else jnp.ones_like(norm))
+    if p is None:   # X_n X_n^T S
+      y = _linalg.gram_apply(x, s, inv, transposed=t)
+    else:           # X_n A^T with A = S^T X_n = inv P
+      a = inv * flat(p)
+      y = inv * (mt(mm(a, x)) if t else mm(x, mt(a)))
+    step = geodesic_step(s, y, jnp.isfinite(norm[:, 0, 0]), step_size)
+    shape = s0.shape
+    out.bases.append(step.basis.reshape(shape))
+    out.thetas.append(step.theta.reshape(shape[:-2]))
+    out.axes.append(step.axis.reshape(shape[:-2] + shape[-1:]))
     if p is not None:
+      w = step.direction
       wx = (mm(x, w[..., :, None])[..., 0] if t               # w^T X: (D,)
             else mm(w[..., None, :], x)[..., 0, :])
+      ok = (step.theta != 0)[:, None, None]
       pf = flat(p)
-      p = jnp.where(ok[:, None, None], pf + v[..., :, None] * wx[..., None, :],
+      p = jnp.where(ok, pf + step.axis[..., :, None] * wx[..., None, :],
                     pf).reshape(p.shape)
     out.projections.append(p)
   return out
+
+
+class GeodesicStep(NamedTuple):
+  """What :func:`geodesic_step` returns (leading batch axes ``...``).
+
+  Attributes:
+    basis: ``S'`` ``(..., d, r)`` (``S`` where the step was not taken).
+    theta: the angle ``(...)``, 0 where the step was not taken.
+    axis: the rotation axis ``v`` ``(..., r)``.
+    direction: ``w = S v (cos(theta) - 1) - u sin(theta)`` ``(..., d)``
+      (``S' = S + w v^T`` before re-orthonormalization).
+  """
+
+  basis: jax.Array
+  theta: jax.Array
+  axis: jax.Array
+  direction: jax.Array
+
+
+def geodesic_step(s: jax.Array, y: jax.Array, finite: jax.Array,
+                  step_size) -> GeodesicStep:
+  r"""One rank-1 geodesic step of ``S`` given ``Y = X_n X_n^T S``.
+
+  .. math::
+
+     T &= -2\,(Y - S\,S^T Y) = -2 (I - S S^T) X_n A^T,\quad A = S^T X_n\\
+     v &= \text{top eigenvector of } T^T T,\quad
+     \sigma = \|T v\|,\quad u = T v / \sigma,\quad
+     \theta = \text{step\_size}\cdot\sigma \\
+     S' &= S + \big(S v (\cos\theta - 1) - u \sin\theta\big) v^T
+
+  The gradient enters only through ``Y`` (``d x r``), so this code is the
+  same for every matrix shape ``(d, D)`` with the same ``(d, r)``. Where
+  ``finite`` is False, ``sigma`` is 0 or anything is non-finite, ``S`` is
+  kept (``theta = 0``). The Newton-Schulz step of
+  :func:`~subtrack_optax._linalg.reorthonormalize_if_needed` removes the
+  rounding drift once it exceeds 1e-5.
+
+  Args:
+    s: the basis ``(..., d, r)``, float32, orthonormal columns.
+    y: ``X_n X_n^T S`` ``(..., d, r)``, float32.
+    finite: whether ``X`` is finite ``(...)``.
+    step_size: radians per unit ``sigma``.
+
+  Returns:
+    :class:`GeodesicStep`.
+  """
+  mm = _linalg.matmul
+  mt = lambda a: jnp.swapaxes(a, -1, -2)
+  hp = _linalg.HIGHEST
+  tangent = -2.0 * (y - mm(s, mm(mt(s), y)))
+  gram = mm(mt(tangent), tangent)
+  v = _linalg.top_eigvec_psd(gram)
+  sigma_sq = jnp.einsum("...i,...ij,...j->...", v, gram, v, precision=hp)
+  sigma = jnp.sqrt(jnp.maximum(sigma_sq, 0.0))
+  ok = finite & (sigma > 0) & jnp.isfinite(sigma)
+  u = jnp.einsum("...dr,...r->...d", tangent, v, precision=hp) / jnp.where(
+      ok, sigma, 1.0)[..., None]
+  theta = jnp.where(ok, step_size * sigma, 0.0)
+  sv = jnp.einsum("...dr,...r->...d", s, v, precision=hp)
+  w = (sv * (jnp.cos(theta) - 1.0)[..., None]
+       - u * jnp.sin(theta)[..., None])                       # (..., d)
+  (s_new,) = _linalg.reorthonormalize_if_needed(
+      [s + w[..., :, None] * v[..., None, :]])
+  ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
+  return GeodesicStep(jnp.where(ok[..., None, None], s_new, s),
+                      jnp.where(ok, theta, 0.0), v, w)

@@ -19,6 +19,7 @@ LAYERS = [
     ["_equations"],
     ["_config"],
     ["_step"],
+    ["_items"],
     ["_engine"],
     ["_transform", "_partition_specs", "_diagnostics", "_leaves"],
     ["__init__"],

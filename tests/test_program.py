@@ -146,3 +146,17 @@ def test_compiled_update_program_unchanged(mode, stagger):
   else:
     total, recorded = sum(got.values()), sum(want.values())
     assert abs(total - recorded) <= 0.15 * recorded, (total, recorded)
+
+
+@pytest.mark.parametrize("mode", ["grassmann", "svd", "random"])
+def test_no_transposed_copy_of_a_gradient(mode):
+  """A leaf whose basis spans its output side (``X = g^T``) is read as it
+  lies: the subspace update sees ``X`` only through ``X X^T Q`` and
+  ``||X||``, so no ``(n, m)`` transposed copy of the gradient is formed
+  anywhere in the program, first step and refresh included."""
+  params = {"tall": jnp.zeros((48, 16))}
+  tx = st.subtrack(4, 5, subspace_update=mode)
+  state = tx.init(params)
+  text = jax.jit(tx.update).lower(params, state).compile().as_text()
+  assert "f32[48,16]" in text           # the gradient itself, as it lies
+  assert "f32[16,48]" not in text       # ... and never transposed

@@ -14,6 +14,9 @@ Protocol (stated in the output and checked):
   sweep's run there): eval loss mean and std over 3 seeds, and the paired
   difference to SubTrack++ per seed (same seed = same initialization and
   data order);
+* every run is its own process (its peak RSS is its own), ``--jobs`` (2)
+  at a time, each then on one XLA:CPU thread: a free slot goes to the
+  first method, in table order, with a run it can start (:func:`plan`);
 * the eval loss is the mean over ``--eval-batches`` held-out batches; its
   standard error over the batches (*eval noise*) is printed next to the
   seed std.
@@ -30,7 +33,9 @@ Usage::
   python benchmarks/tuned_compare.py                 # the main table
   python benchmarks/tuned_compare.py --only subtrack++ adamw
   python benchmarks/tuned_compare.py --variants      # items 3-4: SubTrack++
-                                                     # variants, its lr
+                                                     # variants at its lr,
+                                                     # and other scales at
+                                                     # their own tuned lr
   python benchmarks/tuned_compare.py --quick         # smoke: tiny, 30 steps
 """
 
@@ -42,8 +47,10 @@ import json
 import os
 import platform
 import statistics
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +88,12 @@ VARIANTS = [
     ("scale 0.5", ["--scale", "0.5"]),
     ("scale 0.125", ["--scale", "0.125"]),
 ]
+# Joint (scale, lr) tuning (item 4): SubTrack++ with another scale, each at
+# its own tuned lr (the whole sweep protocol), paired with the defaults.
+TUNED_VARIANTS = [
+    ("scale 0.125, own lr", ["--scale", "0.125"]),
+    ("scale 0.5, own lr", ["--scale", "0.5"]),
+]
 START_GRID = (-6, -5, -4, -3)   # lr = 10 ** (k / 2): 1e-3 ... 3.2e-2
 SEEDS = (0, 1, 2)
 
@@ -114,47 +127,124 @@ def _best_k(done: dict) -> int:
   return min(done, key=lambda k: done[k]["eval_loss"])
 
 
-def worker(spec_json: str) -> None:
-  """Sweeps the grid (extending it past an edge optimum), then the final
-  seeds; appends each record to the JSONL file as soon as it exists."""
-  spec = json.loads(spec_json)
+def plan(spec: dict, done: dict):
+  """The runs the protocol needs next, given the method's runs so far.
+
+  ``done`` maps ``(k, seed)`` to a record (runs in flight count as not
+  done: they are asked for again, and the caller skips them). Returns a
+  list of ``(phase, k, seed)``, or None when the method is finished:
+
+  * a variant (``spec["fixed_k"]``): every seed at that lr;
+  * the sweep: seed 0 on the grid (the start grid and every point run so
+    far); once all are done, the grid grows past an edge optimum (up to
+    ``max_grid`` points);
+  * then the other seeds at the best lr.
+  """
+  seeds = spec["seeds"]
+  if spec.get("fixed_k") is not None:
+    todo = [("ab", spec["fixed_k"], s) for s in seeds
+            if (spec["fixed_k"], s) not in done]
+    return todo or None
+  ks = sorted(set(spec["grid"]) | {k for k, s in done if s == 0})
+  missing = [("sweep", k, 0) for k in ks if (k, 0) not in done]
+  if missing:
+    return missing
+  best = _best_k({k: done[(k, 0)] for k in ks})
+  if len(ks) < spec["max_grid"] and not min(ks) < best < max(ks):
+    return [("sweep", best - 1 if best == min(ks) else best + 1, 0)]
+  todo = [("final", best, s) for s in seeds[1:] if (best, s) not in done]
+  return todo or None
+
+
+def _record(spec: dict, phase: str, k: int, seed: int, rec: dict) -> dict:
+  return {**rec, "phase": phase, "k": k, "config": spec["config"],
+          "update_interval": spec["interval"]}
+
+
+def _append(spec: dict, rec: dict) -> None:
+  with open(spec["jsonl"], "a") as f:
+    f.write(json.dumps(rec) + "\n")
+  print(f"{rec['method']}: {rec['phase']} lr {rec['lr']:g} seed "
+        f"{rec['seed']}: eval {rec['eval_loss']:.4f} ({rec['wall_s']:.0f} s)",
+        flush=True)
+
+
+def run_one(run_json: str) -> None:
+  """A child process: one training run, its record (with the process's
+  peak RSS) written to ``run["out"]``."""
+  run = json.loads(run_json)
   sys.path.insert(0, EXAMPLES)
-  have = {(r["lr"], r["seed"]): r for r in spec["have"]}
-
-  def run(phase, k, seed):
-    lr = lr_of(k)
-    rec = have.get((lr, seed))
-    if rec is None:
-      rec = {**_train(spec, lr, seed), "phase": phase, "k": k,
-             "config": spec["config"], "update_interval": spec["interval"]}
-      with open(spec["jsonl"], "a") as f:
-        f.write(json.dumps(rec) + "\n")
-      print(f"{spec['method']}: {phase} lr {lr:g} seed {seed}: eval "
-            f"{rec['eval_loss']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
-    return rec
-
-  if spec.get("fixed_k") is not None:   # a variant: the given lr only
-    for seed in spec["seeds"]:
-      run("ab", spec["fixed_k"], seed)
-    return
-  ks = sorted(set(spec["grid"]) | {r["k"] for r in spec["have"]
-                                   if r["seed"] == 0})
-  done = {}
-  while True:
-    for k in ks:
-      if k not in done:
-        done[k] = run("sweep", k, 0)
-    best = _best_k(done)
-    if len(ks) >= spec["max_grid"] or min(ks) < best < max(ks):
-      break
-    ks.append(best - 1 if best == min(ks) else best + 1)
-    ks.sort()
-  for seed in spec["seeds"][1:]:
-    run("final", best, seed)
+  rec = _train(run["spec"], run["lr"], run["seed"])
+  rec["peak_rss_mib"] = resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss / 1024.0          # Linux: kilobytes
+  with open(run["out"], "w") as f:
+    json.dump(rec, f)
 
 
 # --------------------------------------------------------------------------
-# Parent: one subprocess per method, then the tables.
+# Parent: every method's runs, ``--jobs`` at a time, then the tables.
+
+
+def drive(specs: list, jobs: int, start, wait, on_record) -> None:
+  """Runs every method's protocol (:func:`plan`), ``jobs`` runs at a time.
+
+  A free slot goes to the first method (in ``specs`` order) with a run it
+  can start; ``start(spec, phase, k, seed)`` launches one and returns a
+  handle, ``wait()`` blocks until a run finishes and returns ``(handle,
+  record)``, and ``on_record(spec, record)`` keeps it.
+  """
+  done = [{(r["k"], r["seed"]): r for r in s["have"]} for s in specs]
+  flying = [set() for _ in specs]
+  running = {}
+  while True:
+    for i, spec in enumerate(specs):
+      todo = [t for t in plan(spec, done[i]) or [] if t[1:] not in flying[i]]
+      for phase, k, seed in todo[:max(0, jobs - len(running))]:
+        running[start(spec, phase, k, seed)] = (i, phase, k, seed)
+        flying[i].add((k, seed))
+    if not running:
+      return
+    handle, rec = wait()
+    i, phase, k, seed = running.pop(handle)
+    flying[i].discard((k, seed))
+    done[i][(k, seed)] = rec = _record(specs[i], phase, k, seed, rec)
+    on_record(specs[i], rec)
+
+
+# Runs at once share the cores: each runs XLA:CPU on one thread.
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def processes(jobs: int, tmp: str) -> tuple:
+  """``start`` and ``wait`` for :func:`drive`: a child process per run
+  (:func:`run_one`; its peak RSS is the run's alone), sharing a
+  compilation cache in ``tmp``."""
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  if jobs > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + ONE_THREAD).strip()
+  # A run at an lr already run (another seed) reuses that run's compiled
+  # programs (the seed is an argument of the program, not a constant).
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tmp, "jax_cache"))
+  outs = {}
+
+  def start(spec, phase, k, seed):
+    del phase
+    out = os.path.join(tmp, f"run{len(outs)}.json")
+    run = {"spec": spec, "lr": lr_of(k), "seed": seed, "out": out}
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                             "--_run", json.dumps(run)], env=env)
+    outs[proc.pid] = out
+    return proc.pid
+
+  def wait():
+    pid, status = os.waitpid(-1, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+      raise RuntimeError(f"a training run (pid {pid}) failed")
+    with open(outs[pid]) as f:
+      return pid, json.load(f)
+
+  return start, wait
 
 
 def _records(path: str, args) -> list:
@@ -167,24 +257,6 @@ def _records(path: str, args) -> list:
   return [r for r in recs
           if (r["config"], r["steps"], r["update_interval"]) == key]
 
-
-def run_method(method, flags, base, args, have, fixed_k=None) -> float:
-  """Runs one method's worker (a variant's at ``fixed_k`` only); returns
-  its peak RSS in MiB."""
-  spec = {"method": method, "flags": flags, "base": base, "fixed_k": fixed_k,
-          "grid": list(START_GRID), "max_grid": args.max_grid,
-          "seeds": list(SEEDS), "jsonl": args.jsonl, "config": args.config,
-          "interval": args.update_interval,
-          "have": [r for r in have if r["method"] == method]}
-  env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  proc = subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), "--_worker",
-       json.dumps(spec)], env=env)
-  _, status, usage = os.wait4(proc.pid, 0)
-  if os.waitstatus_to_exitcode(status) != 0:
-    raise RuntimeError(f"{method} failed")
-  return usage.ru_maxrss / 1024.0  # Linux: kilobytes
 
 
 def _mean_std(xs):
@@ -343,18 +415,22 @@ def variant_lines(variants: dict, ref: dict) -> list:
   if not rows or not ref:
     return []
   lines = ["", f"Design decisions (issue 14 items 3-4): variants of "
-           f"SubTrack++ at its tuned lr {ref['best_lr']:g}, same seeds "
-           "(Δ = variant - defaults, paired):", "",
-           "| variant | eval loss | Δ vs defaults (paired) | opt state "
-           "(MiB) | tokens/s |", "|---|---|---|---|---|",
-           f"| defaults | {ref['eval_loss_mean']:.4f} ± "
+           f"SubTrack++ at its tuned lr {ref['best_lr']:g} (or, marked "
+           "tuned, at their own tuned lr), same seeds (Δ = variant - "
+           "defaults, paired):", "",
+           "| variant | lr | eval loss | Δ vs defaults (paired) | opt state "
+           "(MiB) | tokens/s |", "|---|---|---|---|---|---|",
+           f"| defaults | {ref['best_lr']:g} | {ref['eval_loss_mean']:.4f} ± "
            f"{ref['eval_loss_std']:.4f} (n={len(ref['runs'])}) | | "
            f"{ref['opt_state_mib']:.2f} | {ref['tokens_per_s']:,.0f} |"]
   for v, s in rows:
     d, sd, n = paired(s, ref)
     noise = paired_eval_noise(s, ref)
+    lr = (f"{s['best_lr']:g} (tuned{'' if s['interior'] else ', edge'})"
+          if "best_lr" in s else f"{s['lr']:g}")
     lines.append(
-        f"| {v} | {s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f} "
+        f"| {v} | {lr} | {s['eval_loss_mean']:.4f} ± "
+        f"{s['eval_loss_std']:.4f} "
         f"(n={len(s['runs'])}) | {d:+.4f} ± {sd:.4f} (n={n}, eval noise "
         f"{noise:.4f}) | {s['opt_state_mib']:.2f} | "
         f"{s['tokens_per_s']:,.0f} |")
@@ -375,11 +451,16 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true",
                  help="tiny config, 30 steps, interval 3: a smoke run")
   p.add_argument("--out", default=RESULTS)
-  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--jobs", type=int, default=2,
+                 help="training runs at once (each on one XLA thread when "
+                 "more than one; default 2, the machine's cores)")
+  p.add_argument("--_run", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args._worker is not None:
-    worker(args._worker)
+  if args._run is not None:
+    run_one(args._run)
     return {}
+  if args.jobs < 1:
+    p.error(f"--jobs must be >= 1, got {args.jobs}")
   if args.quick:
     args.config, args.steps, args.update_interval = "tiny", 30, 3
     args.eval_batches, args.max_grid = 4, 5
@@ -394,7 +475,9 @@ def main(argv=None):
           "--eval-batches", str(args.eval_batches), "--no-diagnostics"]
   if args.variants:
     methods = [(v, f, True) for v, f in VARIANTS
-               if not args.only or v in args.only]
+               if not args.only or v in args.only] + [
+                   (v, f, False) for v, f in TUNED_VARIANTS
+                   if not args.only or v in args.only]
   else:
     methods = [(m, f, False) for m, f in METHODS
                if not args.only or m in args.only]
@@ -403,23 +486,31 @@ def main(argv=None):
       argv if argv is not None else sys.argv[1:])
   json_path = os.path.join(args.out, f"compare{tag}.json")
   rss, t0 = {}, time.perf_counter()
-  if os.path.exists(json_path):   # a resumed run keeps earlier processes' RSS
+  if os.path.exists(json_path):   # a resumed run keeps earlier runs' RSS
     rss = json.load(open(json_path)).get("peak_rss_mib", {})
-  summaries = {}
+  have = _records(args.jsonl, args)
+  specs = []
   for method, flags, is_variant in methods:
-    have = _records(args.jsonl, args)
     fixed_k = None
     if is_variant:
       ref = [r for r in have if r["method"] == REFERENCE]
       if not ref:
         raise SystemExit(f"--variants needs {REFERENCE}'s sweep first")
       fixed_k = _best_k({r["k"]: r for r in ref if r["seed"] == 0})
-    peak = run_method(method, flags, base, args, have, fixed_k)
+    specs.append({"method": method, "flags": flags, "base": base,
+                  "fixed_k": fixed_k, "grid": list(START_GRID),
+                  "max_grid": args.max_grid, "seeds": list(SEEDS),
+                  "jsonl": args.jsonl, "config": args.config,
+                  "interval": args.update_interval,
+                  "have": [r for r in have if r["method"] == method]})
+  out = {}
+
+  def write_tables():
     records = _records(args.jsonl, args)
-    if len(records) > len(have) or method not in rss:
-      rss[method] = peak
-    summaries = {m: summarize(records, m) for m, _ in METHODS}
+    out["summaries"] = summaries = {m: summarize(records, m)
+                                    for m, _ in METHODS}
     variants = {v: summarize_variant(records, v) for v, _ in VARIANTS}
+    variants.update({v: summarize(records, v) for v, _ in TUNED_VARIANTS})
     header = [
         f"## Tuned comparison on `{args.config}` ({args.steps} steps of "
         f"{cfg.batch_size}x{cfg.seq_len} byte tokens, subspace update every "
@@ -427,10 +518,12 @@ def main(argv=None):
         f"- command: `{command.strip()}`",
         f"- started {started.strftime('%Y-%m-%d %H:%M UTC')}; "
         f"{(time.perf_counter() - t0) / 60:.0f} min for the runs of "
-        "this invocation",
+        f"this invocation, {args.jobs} at a time"
+        + (" (each on one XLA:CPU thread)" if args.jobs > 1 else ""),
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{platform.platform()}, Python {platform.python_version()} "
-        "(tokens/s: the machine may have been shared)",
+        "(tokens/s: per run, with the other runs of the moment sharing the "
+        "machine)",
         "- eval noise: standard error of the eval loss over its "
         f"{args.eval_batches} held-out batches (the same batches for every "
         "run); Δ: mean ± std over seeds of the paired difference, and the "
@@ -444,13 +537,26 @@ def main(argv=None):
                  "config": args.config, "steps": args.steps,
                  "update_interval": args.update_interval,
                  "rank": cfg.rank, "eval_batches": args.eval_batches,
+                 "jobs": args.jobs,
                  "machine": {"platform": platform.platform(),
                              "cpus": os.cpu_count()},
-                 "grids": {m: s["grid"] for m, s in summaries.items() if s},
-                 "variants": dict(VARIANTS),
+                 "grids": {m: s["grid"] for m, s in {**summaries,
+                                                     **variants}.items()
+                           if s and "grid" in s},
+                 "variants": dict(VARIANTS + TUNED_VARIANTS),
                  "peak_rss_mib": rss, "records": records}, f, indent=1)
-    print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {method} done",
-          flush=True)
+
+  def on_record(spec, rec):
+    _append(spec, rec)
+    m = spec["method"]
+    rss[m] = max(rss.get(m, 0.0), rec.get("peak_rss_mib", 0.0))
+    write_tables()
+    print(f"[{(time.perf_counter() - t0) / 60:5.1f} min]", flush=True)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    drive(specs, args.jobs, *processes(args.jobs, tmp), on_record)
+  write_tables()
+  summaries = out["summaries"]
   return {"summaries": summaries, "rss": rss}
 
 

@@ -84,7 +84,7 @@ def transport_rank1(axis: jax.Array, theta: jax.Array, m: jax.Array,
 
   A geodesic step turns the basis by ``theta`` about the unit axis ``v``:
   :math:`C = I + \beta v v^T`, :math:`\beta = \cos\theta - 1` (exactly, see
-  :func:`~subtrack_optax._tracking.grassmann_step_multi`). With
+  :func:`~subtrack_optax._tracking.geodesic_step`). With
   :math:`w = v \circ v`:
 
   .. math::

@@ -177,7 +177,10 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
   Unlike a conditional with an identity branch, which XLA compiles to a copy
   of every operand, a loop that does not run touches nothing: on a regular
   step the basis and moments stay where they are. ``x`` is read in the
-  body, not carried. ``differentiable``: a switch with an identity branch
+  body, not carried, through an optimization barrier with the carry: what
+  a branch computes from ``x`` alone is then not loop-invariant, and XLA
+  cannot hoist it out of the loop (run it on every step).
+  ``differentiable``: a switch with an identity branch
   instead (reverse-mode autodiff cannot go through a ``while_loop``).
   """
   if differentiable:
@@ -187,10 +190,14 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
 
   def body(loop):
     i, carry = loop
+    # x read through a barrier with the carry: what the branch computes from
+    # x alone (an SVD of it) is not loop-invariant, so XLA cannot hoist it
+    # out of the loop and run it on every step.
+    xb, carry = jax.lax.optimization_barrier((x, carry))
     if len(branch_fns) == 1:
-      carry = branch_fns[0](x, *carry)
+      carry = branch_fns[0](xb, *carry)
     else:
-      carry = jax.lax.switch(idx - 1, branch_fns, x, *carry)
+      carry = jax.lax.switch(idx - 1, branch_fns, xb, *carry)
     return i + 1, tuple(carry)
 
   _, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,

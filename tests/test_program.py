@@ -21,7 +21,10 @@ Re-recorded when the subspace update came to see the gradient only through
 ``X X^T Q`` and ``||X||`` (issue 20, third step: subspace iteration from a
 start block in ``d``-space with Rayleigh-Ritz on ``Q^T X X^T Q``, the
 geodesic step on ``Y = X_n X_n^T S``, ``svd`` mode's first basis and
-refresh one code path, the transport in a gate inside the subspace gate).
+refresh one code path, the transport in a gate inside the subspace gate),
+and again for the optimization barrier through which the gate's body reads
+the gradient (without it XLA hoisted ``svd`` mode's SVD, a function of the
+gradient alone, out of the 0/1-trip loop: it ran on every step).
 
 On another jax/jaxlib version XLA's passes differ, so the per-opcode counts
 cannot be compared; there the total is checked against a 15% band instead.
@@ -80,26 +83,26 @@ RECORDED = {
         "slice": 100, "sort": 4, "sqrt": 69, "subtract": 82, "transpose":
         34, "tuple": 107, "while": 33, "xor": 8},
     ('svd', False): {
-        "abs": 16, "add": 197, "and": 46, "bitcast": 177, "broadcast": 295,
-        "clamp": 1, "compare": 292, "concatenate": 29, "conditional": 4,
-        "constant": 501, "convert": 22, "copy": 113, "divide": 44, "dot":
-        44, "dynamic-slice": 44, "dynamic-update-slice": 9, "fusion": 347,
-        "gather": 37, "get-tuple-element": 254, "iota": 43, "is-finite": 16,
-        "maximum": 22, "minimum": 5, "multiply": 284, "negate": 4, "or": 4,
-        "parameter": 1029, "power": 2, "reduce": 56, "reduce-window": 6,
-        "remainder": 2, "rsqrt": 4, "select": 213, "sign": 1, "slice": 100,
-        "sort": 4, "sqrt": 33, "subtract": 58, "transpose": 28, "tuple": 71,
+        "abs": 16, "add": 194, "and": 40, "bitcast": 207, "broadcast": 325,
+        "clamp": 1, "compare": 268, "concatenate": 29, "conditional": 4,
+        "constant": 512, "convert": 16, "copy": 112, "divide": 44, "dot":
+        44, "dynamic-slice": 42, "dynamic-update-slice": 9, "fusion": 344,
+        "gather": 37, "get-tuple-element": 306, "iota": 31, "is-finite": 12,
+        "maximum": 22, "minimum": 5, "multiply": 280, "negate": 4, "or": 4,
+        "parameter": 1043, "power": 2, "reduce": 56, "reduce-window": 6,
+        "remainder": 2, "rsqrt": 4, "select": 224, "sign": 1, "slice": 100,
+        "sort": 4, "sqrt": 33, "subtract": 55, "transpose": 30, "tuple": 71,
         "while": 29, "xor": 8},
     ('svd', True): {
-        "abs": 16, "add": 206, "and": 58, "bitcast": 177, "broadcast": 295,
-        "clamp": 1, "compare": 331, "concatenate": 29, "conditional": 4,
-        "constant": 534, "convert": 31, "copy": 113, "divide": 44, "dot":
-        44, "dynamic-slice": 44, "dynamic-update-slice": 9, "fusion": 356,
-        "gather": 37, "get-tuple-element": 254, "iota": 43, "is-finite": 16,
-        "maximum": 22, "minimum": 8, "multiply": 284, "negate": 4, "or": 4,
-        "parameter": 1044, "power": 2, "reduce": 56, "reduce-window": 6,
-        "remainder": 5, "rsqrt": 4, "select": 231, "sign": 1, "slice": 100,
-        "sort": 4, "sqrt": 33, "subtract": 58, "transpose": 28, "tuple": 71,
+        "abs": 16, "add": 206, "and": 58, "bitcast": 207, "broadcast": 325,
+        "clamp": 1, "compare": 325, "concatenate": 29, "conditional": 4,
+        "constant": 557, "convert": 25, "copy": 112, "divide": 44, "dot":
+        44, "dynamic-slice": 42, "dynamic-update-slice": 9, "fusion": 356,
+        "gather": 37, "get-tuple-element": 306, "iota": 31, "is-finite": 12,
+        "maximum": 22, "minimum": 8, "multiply": 280, "negate": 4, "or": 4,
+        "parameter": 1064, "power": 2, "reduce": 56, "reduce-window": 6,
+        "remainder": 5, "rsqrt": 4, "select": 251, "sign": 1, "slice": 100,
+        "sort": 4, "sqrt": 33, "subtract": 55, "transpose": 30, "tuple": 71,
         "while": 29, "xor": 8},
 }
 
@@ -160,3 +163,64 @@ def test_no_transposed_copy_of_a_gradient(mode):
   text = jax.jit(tx.update).lower(params, state).compile().as_text()
   assert "f32[48,16]" in text           # the gradient itself, as it lies
   assert "f32[16,48]" not in text       # ... and never transposed
+
+
+_EDGE = re.compile(r"(body|condition|to_apply|calls|branch_computations)="
+                   r"(\{[^}]*\}|%[\w.\-]+)")
+
+
+def while_depths(hlo_text: str) -> tuple:
+  """Each computation's instructions, and how many while-loop bodies
+  enclose it (the least over the paths from the entry computation)."""
+  comps, cur, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if m and not line.startswith(" "):
+      cur = m.group(2)
+      comps[cur] = []
+      entry = cur if m.group(1) else entry
+    elif cur is not None:
+      comps[cur].append(line)
+  depth, todo = {entry: 0}, [entry]
+  while todo:
+    c = todo.pop()
+    for line in comps.get(c, []):
+      for kind, names in _EDGE.findall(line):
+        for n in re.findall(r"%?([\w.\-]+)", names):
+          d = depth[c] + (kind == "body")
+          if d < depth.get(n, 1 << 30):
+            depth[n] = d
+            todo.append(n)
+  return comps, depth
+
+
+def test_while_depths_reads_nesting():
+  text = """HloModule m
+%inner (p: s32[]) -> s32[] {
+  ROOT %r = s32[] rsqrt(s32[] %p)
+}
+%outer (p: s32[]) -> s32[] {
+  ROOT %w = s32[] while(s32[] %p), condition=%cond, body=%inner
+}
+ENTRY %main (p: s32[]) -> s32[] {
+  ROOT %w = s32[] while(s32[] %p), condition=%cond, body=%outer
+}"""
+  _, depth = while_depths(text)
+  assert depth == {"main": 0, "outer": 1, "inner": 2, "cond": 0}
+
+
+@pytest.mark.parametrize("mode", ["grassmann", "svd", "frozen"])
+def test_subspace_update_stays_inside_its_gate(mode):
+  """The first basis's eigensolver (Jacobi; its rotations are the program's
+  only rsqrt) sits four loops deep: the sweep over the matrices, the 0/1-trip
+  subspace gate, Jacobi's sweeps, its rounds. Three would mean XLA hoisted
+  it out of the gate as loop-invariant (a function of the gradient alone)
+  and ran the SVD on every step (it did in ``svd`` mode before the gate's
+  body read the gradient through a barrier: 18.7 s ordinary steps)."""
+  params = {"a": jnp.zeros((16, 48)), "b": jnp.zeros((16, 48))}
+  tx = st.subtrack(4, 5, subspace_update=mode)
+  text = jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
+  comps, depth = while_depths(text)
+  rsqrt = [depth[c] for c, lines in comps.items()
+           if c in depth and any(" rsqrt(" in l for l in lines)]
+  assert rsqrt and min(rsqrt) >= 4, rsqrt

@@ -18,10 +18,10 @@ def tc(monkeypatch):
   spec = importlib.util.spec_from_file_location("tuned_compare", _PATH)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  calls = []
+  trains = []
 
   def fake_train(spec, lr, seed):
-    calls.append((spec["method"], lr, seed))
+    trains.append((spec["method"], lr, seed))
     # A valley in log10(lr) with its bottom at lr = 0.1 (k = -2: past the
     # start grid's top edge), and a per-seed offset.
     import math  # pylint: disable=g-import-not-at-top
@@ -32,7 +32,7 @@ def tc(monkeypatch):
             "train_losses": []}
 
   monkeypatch.setattr(module, "_train", fake_train)
-  module.calls = calls
+  module.calls, module.trains = [], trains
   return module
 
 
@@ -47,9 +47,29 @@ def _read(path):
   return [json.loads(l) for l in open(path)]
 
 
+def _drive(tc, specs, jobs=1):
+  """The parent's scheduler with a fake launcher: runs finish in the order
+  they started; returns the most runs in flight at once."""
+  queue, most = [], [0]
+
+  def start(spec, phase, k, seed):
+    queue.append((len(tc.calls), spec, k, seed))
+    most[0] = max(most[0], len(queue))
+    tc.calls.append(None)   # a handle
+    return queue[-1][0]
+
+  def wait():
+    handle, spec, k, seed = queue.pop(0)
+    return handle, tc._train(spec, tc.lr_of(k), seed)
+
+  specs = [json.loads(s) for s in specs]
+  tc.drive(specs, jobs, start, wait, lambda spec, rec: tc._append(spec, rec))
+  return most[0]
+
+
 def test_grid_extends_past_an_edge_then_final_seeds(tc, tmp_path):
   jsonl = tmp_path / "c.jsonl"
-  tc.worker(_spec(tc, jsonl))
+  _drive(tc, [_spec(tc, jsonl)])
   recs = _read(jsonl)
   sweep = sorted(r["k"] for r in recs if r["phase"] == "sweep")
   assert sweep == [-6, -5, -4, -3, -2, -1]        # grew until interior
@@ -62,22 +82,57 @@ def test_grid_extends_past_an_edge_then_final_seeds(tc, tmp_path):
 
 def test_resume_runs_only_what_is_missing(tc, tmp_path):
   jsonl = tmp_path / "c.jsonl"
-  tc.worker(_spec(tc, jsonl))
-  first = len(tc.calls)
+  _drive(tc, [_spec(tc, jsonl)])
+  first = len(tc.trains)
   recs = _read(jsonl)
-  tc.worker(_spec(tc, jsonl, have=recs[:-1]))   # the last run was lost
-  assert len(tc.calls) == first + 1 and tc.calls[-1][2] == 2
+  _drive(tc, [_spec(tc, jsonl, have=recs[:-1])])   # the last run was lost
+  assert len(tc.trains) == first + 1 and tc.trains[-1][2] == 2
 
 
 def test_grid_stops_at_its_cap_and_says_edge(tc, tmp_path):
   jsonl = tmp_path / "c.jsonl"
   spec = json.loads(_spec(tc, jsonl))
   spec["max_grid"] = 5
-  tc.worker(json.dumps(spec))
+  _drive(tc, [json.dumps(spec)])
   s = tc.summarize(_read(jsonl), "m")
   assert len(s["grid"]) == 5 and not s["interior"]
   lines = tc.checks({"m": s}, 1000, 50, 32, 128)
   assert any("interior" in l and "DOES NOT HOLD" in l for l in lines)
+
+
+def test_two_at_a_time_runs_the_same_protocol(tc, tmp_path):
+  """Two methods, two runs in flight at a time: each method's runs are the
+  ones it runs alone (the grid still grows only after its sweep is done),
+  and never more than two are in flight."""
+  alone = tmp_path / "alone.jsonl"
+  _drive(tc, [_spec(tc, alone)])
+  want = sorted((r["phase"], r["k"], r["seed"]) for r in _read(alone))
+  both = tmp_path / "both.jsonl"
+  other = json.loads(_spec(tc, both))
+  other["method"] = "n"
+  most = _drive(tc, [_spec(tc, both), json.dumps(other)], jobs=2)
+  assert most == 2
+  recs = _read(both)
+  for m in ("m", "n"):
+    got = sorted((r["phase"], r["k"], r["seed"]) for r in recs
+                 if r["method"] == m)
+    assert got == want, m
+  # The grid extension waits for the whole sweep: no extension point
+  # starts before every start-grid point of its method has a record.
+  order = [(r["method"], r["k"]) for r in recs]
+  for m in ("m", "n"):
+    first_ext = min(i for i, (mm, k) in enumerate(order)
+                    if mm == m and k not in tc.START_GRID)
+    assert {k for mm, k in order[:first_ext] if mm == m} >= set(
+        tc.START_GRID)
+
+
+def test_plan_is_finished_when_nothing_is_left(tc):
+  spec = json.loads(_spec(tc, "unused"))
+  assert tc.plan(spec, {}) == [("sweep", k, 0) for k in tc.START_GRID]
+  spec["fixed_k"] = -3
+  done = {(-3, s): {"eval_loss": 1.0} for s in (0, 1, 2)}
+  assert tc.plan(spec, done) is None
 
 
 def test_regime_checks(tc):
@@ -90,10 +145,10 @@ def test_regime_checks(tc):
 
 def test_variant_runs_every_seed_at_the_given_lr_only(tc, tmp_path):
   jsonl = tmp_path / "c.jsonl"
-  tc.worker(_spec(tc, jsonl))                     # the reference "m"
+  _drive(tc, [_spec(tc, jsonl)])                  # the reference "m"
   spec = json.loads(_spec(tc, jsonl))
   spec.update(method="v", fixed_k=-2)
-  tc.worker(json.dumps(spec))
+  _drive(tc, [json.dumps(spec)])
   recs = _read(jsonl)
   ab = [(r["method"], r["k"], r["seed"], r["phase"]) for r in recs
         if r["method"] == "v"]
@@ -102,7 +157,20 @@ def test_variant_runs_every_seed_at_the_given_lr_only(tc, tmp_path):
   assert v["lr"] == 0.1 and v["seeds"] == [0, 1, 2]
   assert tc.summarize(recs, "v") == {}            # not a tuned method
   lines = tc.variant_lines({"v": v}, tc.summarize(recs, "m"))
-  assert any(l.startswith("| v | 2.0100") and "+0.0000" in l for l in lines)
+  assert any(l.startswith("| v | 0.1 | 2.0100") and "+0.0000" in l
+             for l in lines)
+
+
+def test_tuned_variant_row_shows_its_own_lr(tc, tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  other = json.loads(_spec(tc, jsonl))
+  other["method"] = "w"
+  _drive(tc, [_spec(tc, jsonl), json.dumps(other)], jobs=2)
+  recs = _read(jsonl)
+  ref, tuned = tc.summarize(recs, "m"), tc.summarize(recs, "w")
+  (row,) = [l for l in tc.variant_lines({"w": tuned}, ref)
+            if l.startswith("| w |")]
+  assert row.startswith("| w | 0.1 (tuned) | 2.0100") and "+0.0000" in row
 
 
 def test_eval_noise_of_differences(tc):

@@ -37,6 +37,7 @@ __all__ = [
     "reorthonormalize_if_needed",
     "reorthonormalize",
     "gram_apply",
+    "inverse_or_zero",
     "top_eigvecs_of_gram",
     "start_block",
     "top_left_singular_vectors",
@@ -388,47 +389,56 @@ def gram_apply(x: jax.Array, q: jax.Array, inv: jax.Array,
   return inv * matmul(x, inv * matmul(_mT(x), q))
 
 
-def top_eigvecs_of_gram(apply, q0: jax.Array, rank: int,
-                        finite: jax.Array) -> jax.Array:
-  r"""Top-``rank`` eigenvectors of a PSD operator ``apply`` (``X X^T``).
+def inverse_or_zero(norm: jax.Array) -> jax.Array:
+  """``1 / norm``, 0 where ``norm`` is 0 (the scale of ``X_n = X / ||X||``;
+  a zero ``X`` stays zero)."""
+  return jnp.where(norm > 0, 1.0 / norm, 0.0)
 
-  Subspace iteration from the block ``q0`` (``(d, k)``, ``k >= rank``):
-  ``Y_i = apply(Q_i)``, ``Q_{i+1} = orth(Y_i)`` (Householder,
-  :func:`householder_orthonormalize`), :func:`subspace_iterations` times,
-  then Rayleigh-Ritz: the ``k x k`` matrix ``Q^T apply(Q)`` is diagonalized
-  by Jacobi (:func:`sym_eig`) and the Ritz vectors ``Q W`` are returned in
-  descending order of eigenvalue. ``apply`` is called at one place in the
-  program (inside the loop) and the Householder and Jacobi loops are traced
-  once, whatever ``apply`` is: the gradient is seen only through it.
+
+def top_eigvecs_of_gram(gram, norm: jax.Array, q0: jax.Array,
+                        rank: int) -> jax.Array:
+  r"""Top-``rank`` eigenvectors of ``X X^T``, ``X`` seen through ``gram``.
+
+  Subspace iteration on ``X_n X_n^T`` (``X_n = X / ||X||_F``) from the
+  block ``q0`` (``(d, k)``, ``k >= rank``): ``Y_i = X_n X_n^T Q_i``,
+  ``Q_{i+1} = orth(Y_i)`` (Householder, :func:`householder_orthonormalize`),
+  :func:`subspace_iterations` times, then Rayleigh-Ritz: the ``k x k``
+  matrix ``Q^T X_n X_n^T Q`` is diagonalized by Jacobi (:func:`sym_eig`)
+  and the Ritz vectors ``Q W`` are returned in descending order of
+  eigenvalue. ``gram`` is called at one place in the program (inside the
+  loop) and the Householder and Jacobi loops are traced once, whatever
+  ``gram`` is: the gradient is seen only through it and its norm.
 
   Args:
-    apply: ``Q -> X X^T Q`` (``(d, k) -> (d, k)``, float32), scaled as the
-      caller likes.
-    q0: the start block ``(d, k)``.
+    gram: ``(Q, inv) -> inv X (inv X^T Q)`` (``(d, k) -> (d, k)``,
+      float32; :func:`gram_apply`).
+    norm: ``||X||_F``, broadcastable to ``(..., 1, 1)``; a non-finite norm
+      (a non-finite ``X``) gives the first ``rank`` unit vectors.
+    q0: the start block ``(d, k)`` (:func:`start_block`).
     rank: number of vectors.
-    finite: False gives the first ``rank`` unit vectors (a non-finite
-      ``X``).
 
   Returns:
     ``(d, rank)`` float32 with orthonormal columns.
   """
   d, k = q0.shape[-2:]
   iters = subspace_iterations(rank, k)
+  inv = inverse_or_zero(norm)
   orth = lambda y: householder_orthonormalize(jnp.where(jnp.isfinite(y), y,
                                                         0.0))
 
   def step(i, qy):
     # The last pass only applies (its Q is the Rayleigh-Ritz basis): one
-    # copy of apply and of the Householder loop in the program.
+    # copy of gram and of the Householder loop in the program.
     q, _ = qy
-    y = apply(q)
+    y = gram(q, inv)
     return jax.lax.cond(i < iters, orth, lambda y: q, y), y
 
   q, y = jax.lax.fori_loop(0, iters + 1, step, (q0, q0))
   _, w = sym_eig(matmul(_mT(q), y))
   s = matmul(q, w[..., :, :rank])
   unit = (jnp.arange(d)[:, None] == jnp.arange(rank)[None, :])
-  ok = finite & jnp.all(jnp.isfinite(s), axis=(-2, -1), keepdims=True)
+  ok = jnp.isfinite(norm) & jnp.all(jnp.isfinite(s), axis=(-2, -1),
+                                    keepdims=True)
   return jnp.where(ok, s, unit.astype(s.dtype))
 
 
@@ -466,9 +476,8 @@ def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
     (16, 4)
   """
   x = x.astype(jnp.float32)
-  norm = safe_frobenius_norm(x)[..., None, None]
-  inv = jnp.where(norm > 0, 1.0 / norm, 0.0)
   q0 = start_block(x.shape[-2], rank)
   q0 = jnp.broadcast_to(q0, x.shape[:-1] + q0.shape[-1:])
-  return top_eigvecs_of_gram(lambda q: gram_apply(x, q, inv), q0, rank,
-                             jnp.isfinite(norm))
+  return top_eigvecs_of_gram(functools.partial(gram_apply, x),
+                             safe_frobenius_norm(x)[..., None, None], q0,
+                             rank)

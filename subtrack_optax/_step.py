@@ -61,9 +61,9 @@ class Item(NamedTuple):
 
 class XOps(NamedTuple):
   """The gradient matrix ``X`` (``d x D``) as the subspace update sees it:
-  only through these two functions, so the subspace update's code is the
-  same for every ``D`` (the model-wide sweep, :mod:`subtrack_optax._subspace`,
-  dispatches them to the item's own matrix).
+  only through these two functions, so the subspace update's code does not
+  depend on ``D`` (the products are the caller's: :func:`matrix_ops` takes
+  them with the matrix as it lies).
 
   Attributes:
     gram: ``(Q, inv) -> inv X (inv X^T Q)`` (``(d, k) -> (d, k)``, float32).
@@ -84,10 +84,6 @@ def matrix_ops(frame: _frame.Frame, x: jax.Array) -> XOps:
       lambda: _linalg.safe_frobenius_norm(x))
 
 
-def _inverse(norm):
-  return jnp.where(norm > 0, 1.0 / norm, 0.0)
-
-
 # --------------------------------------------------------- the refreshes --
 
 
@@ -95,9 +91,7 @@ def _top_basis(cfg, ops: XOps, s, norm) -> jax.Array:
   """``S = `` the top-``r`` left singular vectors of ``X`` (first ``r`` unit
   vectors if ``X`` is not finite)."""
   q0 = _sharding.like(_linalg.start_block(s.shape[-2], cfg.rank), s)
-  inv = _inverse(norm)
-  return _linalg.top_eigvecs_of_gram(lambda q: ops.gram(q, inv), q0,
-                                     cfg.rank, jnp.isfinite(norm))
+  return _linalg.top_eigvecs_of_gram(ops.gram, norm, q0, cfg.rank)
 
 
 def _first(cfg, ops, count, key, s) -> Item:
@@ -114,7 +108,8 @@ def _track_one(cfg, ops, count, key, s) -> Item:
   """``grassmann``: one rank-1 geodesic step (keeps ``S`` on bad input)."""
   del count, key
   norm = ops.norm()
-  inv = _inverse(norm) if cfg.normalize_tracking else jnp.ones([])
+  inv = (_linalg.inverse_or_zero(norm) if cfg.normalize_tracking
+         else jnp.ones([]))
   step = _tracking.geodesic_step(s, ops.gram(s, inv), jnp.isfinite(norm),
                                  cfg.step_size)
   return Item(step.basis, step.axis, step.theta)

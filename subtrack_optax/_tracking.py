@@ -131,7 +131,7 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
   for s0, x, p, t in zip(ss, xs, projections, transposed):
     s, x = flat(s0).astype(jnp.float32), flat(x).astype(jnp.float32)
     norm = _linalg.safe_frobenius_norm(x)[:, None, None]
-    inv = (jnp.where(norm > 0, 1.0 / norm, 0.0) if normalize
+    inv = (_linalg.inverse_or_zero(norm) if normalize
            else jnp.ones_like(norm))
     if p is None:   # X_n X_n^T S
       y = _linalg.gram_apply(x, s, inv, transposed=t)

@@ -83,7 +83,7 @@ VARIANTS = [
     ("transport: reference (1-b2)", ["--transport", "reference"]),
     ("transport: reset V", ["--transport", "reset"]),
     ("basis_side: large", ["--basis-side", "large"]),
-    ("step_size 0.25", ["--step-size", "0.25"]),
+    ("step_size 0.5", ["--step-size", "0.5"]),   # the default until 12-04
     ("step_size 1.0", ["--step-size", "1.0"]),
     ("scale 0.5", ["--scale", "0.5"]),
     ("scale 0.125", ["--scale", "0.125"]),

@@ -85,10 +85,34 @@ def linalg_calls(hlo_text: str) -> list:
                  if LINALG_CALL.search(t)})
 
 
+def mesh_axes(shape: tuple, fsdp: int, tp: int) -> tuple:
+  """Mesh axis per array axis: ``"fsdp"`` on the largest axis it divides
+  and ``"tp"`` on the largest other axis it divides (a kernel ``(in, out)``
+  split both ways); where no second axis divides by ``tp``, the largest
+  axis that divides by all chips is split over both (``("fsdp", "tp")``),
+  so no leaf is split fewer ways than under FSDP alone. ``None``
+  elsewhere; with ``tp == 1`` this is FSDP over all chips."""
+  by_size = sorted(range(len(shape)), key=lambda a: -shape[a])
+  axes = [None] * len(shape)
+  first = next((a for a in by_size if shape[a] % fsdp == 0), None)
+  second = next((a for a in by_size if a != first and shape[a] % tp == 0),
+                None) if tp > 1 and first is not None else None
+  if second is not None:
+    axes[first], axes[second] = "fsdp", "tp"
+    return tuple(axes)
+  whole = next((a for a in by_size if shape[a] % (fsdp * tp) == 0), None)
+  if whole is not None:
+    axes[whole] = ("fsdp", "tp") if tp > 1 else "fsdp"
+  elif first is not None:
+    axes[first] = "fsdp"
+  return tuple(axes)
+
+
 def _case(spec: dict) -> dict:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -103,14 +127,12 @@ def _case(spec: dict) -> dict:
   if spec["layers"]:
     cfg = dataclasses.replace(cfg, layers=spec["layers"])
   topo = topologies.get_topology_desc(spec["topology"], "tpu")
-  mesh = jax.sharding.Mesh(topo.devices, ("fsdp",))
-  n = len(topo.devices)
+  n, tp = len(topo.devices), spec.get("tp", 1)
+  mesh = jax.sharding.Mesh(
+      np.asarray(topo.devices).reshape(n // tp, tp), ("fsdp", "tp"))
 
   def spec_of(shape):
-    for a in sorted(range(len(shape)), key=lambda a: -shape[a]):
-      if shape[a] % n == 0:
-        return P(*("fsdp" if i == a else None for i in range(len(shape))))
-    return P()
+    return P(*mesh_axes(shape, n // tp, tp))
 
   dtype = jnp.bfloat16 if spec["what"] == "train" else None
   abstract_model = nnx.eval_shape(
@@ -276,6 +298,9 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=0,
                  help="override the number of layers (0: the size's)")
   p.add_argument("--topology", default="v5e:4x4")
+  p.add_argument("--tp", type=int, default=1,
+                 help="tensor-parallel size: a (chips / tp, tp) mesh "
+                 "('fsdp', 'tp'); 1: FSDP over all chips")
   p.add_argument("--optimizers", nargs="+",
                  default=["adamw", "subtrack", "subtrack/svd", "galore"])
   p.add_argument("--what", nargs="+", default=["update", "train"])
@@ -309,7 +334,8 @@ def main(argv=None):
   for what in args.what:
     for opt in args.optimizers:
       spec = {"size": args.size, "layers": args.layers, "layers_used": layers,
-              "topology": args.topology, "optimizer": opt, "what": what,
+              "topology": args.topology, "tp": args.tp, "optimizer": opt,
+              "what": what,
               "batch": args.batch, "time_limit_s": args.time_limit,
               "memory_gb": args.memory_gb}
       r = run_case(spec)
@@ -324,10 +350,15 @@ def main(argv=None):
   except ImportError:
     libtpu_version = "not installed"
   tag = args.tag or f"{args.size}_{args.topology.replace(':', '_')}" + (
-      f"_{layers}l" if args.layers else "")
+      f"_{layers}l" if args.layers else "") + (
+          f"_tp{args.tp}" if args.tp > 1 else "")
+  layout = ("FSDP over all chips" if args.tp == 1 else
+            f"FSDP x tensor parallel, mesh (fsdp, tp) = (chips / {args.tp}, "
+            f"{args.tp}): each kernel's largest axis over fsdp, its other "
+            f"axis over tp where it divides")
   header = [
       f"## AOT compile for `{args.topology}` ({args.size} LLaMA shapes, "
-      f"{layers} layers, vocabulary {VOCAB}, FSDP over all chips)", "",
+      f"{layers} layers, vocabulary {VOCAB}, {layout})", "",
       f"- command: `python benchmarks/tpu_aot.py "
       f"{' '.join(argv if argv is not None else sys.argv[1:])}`",
       f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; jax "

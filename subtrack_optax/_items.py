@@ -4,8 +4,9 @@ A model's projected matrices (every leaf, every batch slice of a scanned
 leaf) are *items*. A sweep (:mod:`subtrack_optax._engine`) visits them
 in a loop, item ``j`` in iteration ``j``: :func:`pick` copies item ``j``
 out (a switch over the leaves, a dynamic index over a leaf's batch slices)
-and :func:`put` writes its results back (per leaf, a loop of zero or one trip on ``leaf == i``
-around a dynamic update; a switch would copy every leaf it passes through).
+and :func:`put` writes its results back (per leaf, a loop of zero or one
+trip on ``leaf == i`` around a dynamic update; a switch would copy every
+leaf it passes through).
 So a program holds one matrix's code once per sweep, not once per leaf, and
 nothing is concatenated or stacked.
 """

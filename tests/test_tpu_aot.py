@@ -20,6 +20,7 @@ import pathlib
 import pytest
 
 from tests import _monitor
+from tests import _tpu_worker
 
 WORKER = pathlib.Path(__file__).with_name("_tpu_worker.py")
 
@@ -53,19 +54,10 @@ def test_v5e_2x2_train_step_structure(report):
       train["peak_mib"], adamw["peak_mib"], saved)
 
 
-def _aot_module():
-  spec = importlib.util.spec_from_file_location(
-      "tpu_aot", pathlib.Path(__file__).parents[1] / "benchmarks" /
-      "tpu_aot.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)   # stdlib only at import: no libtpu here
-  return module
-
-
 def test_mesh_axes_fsdp_and_tensor_parallel():
   """The benchmark's layouts: FSDP on each leaf's largest axis it divides,
   tensor parallel on the largest other axis it divides."""
-  axes = _aot_module().mesh_axes
+  axes = _tpu_worker._module().mesh_axes   # stdlib only: no libtpu here
   assert axes((2048, 2048), 16, 1) == ("fsdp", None)
   assert axes((2048, 2048), 4, 4) == ("fsdp", "tp")
   assert axes((32000, 2048), 4, 4) == ("fsdp", "tp")

@@ -8,7 +8,7 @@ interval of the config), ``chain(clip_by_global_norm(1), <optimizer>)``,
 * per (optimizer, depth), each compile in a fresh process: compile time,
   ``memory_analysis()`` (argument, output, alias, temp and
   peak = argument + output - alias + temp), optimized-HLO instruction count,
-  optimizer-state bytes; with ``--train-step`` also the compile time and
+  distinct fusion kernels (:func:`hlo_kernels`), optimizer-state bytes; with ``--train-step`` also the compile time and
   memory of the full train step (forward + backward + update);
 * per depth, in one process, interleaved: the ordinary step, the
   subspace-update step (count = k) and the first step (count = 0), medians
@@ -125,6 +125,37 @@ def hlo_instructions(text: str) -> int:
              if re.match(r"\s*(?:ROOT\s+)?[%\w.\-]+\s*=\s*\S", line))
 
 
+def _computations(text: str) -> dict:
+  """Each computation's instruction lines, by name."""
+  comps, name = {}, None
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?(%[\w.\-]+)\s.*\{\s*$", line)
+    if head:
+      name, comps[head.group(1)] = head.group(1), []
+    elif name and line.strip() == "}":
+      name = None
+    elif name:
+      comps[name].append(line)
+  return comps
+
+
+def hlo_kernels(text: str) -> int:
+  """Distinct fused computations of an optimized HLO module: those equal up
+  to instruction names and metadata count once (XLA:CPU compiles one kernel
+  for identical fusions, so this is the number of fusion kernels it
+  generates code for)."""
+  comps = _computations(text)
+
+  def canonical(lines):
+    return "\n".join(
+        re.sub(r"%[\w.\-]+", "%",
+               re.sub(r",?\s*metadata=\{[^}]*\}", "", line)).strip()
+        for line in lines)
+
+  called = set(re.findall(r"fusion\(.*?calls=(%[\w.\-]+)", text))
+  return len({canonical(comps[c]) for c in called if c in comps})
+
+
 # ------------------------------------------------------------- compiling --
 
 
@@ -147,6 +178,7 @@ def compile_update(config: str, layers: int, name: str) -> dict:
       "alias": mem.alias_size_in_bytes,
       "temp": mem.temp_size_in_bytes,
       "instructions": hlo_instructions(compiled.as_text()),
+      "kernels": hlo_kernels(compiled.as_text()),
       "state_bytes": sum(x.size * x.dtype.itemsize
                          for x in jax.tree.leaves(state)),
   }
@@ -283,7 +315,7 @@ def ratios(rows: dict, ref: str = "galore") -> dict:
     out[depth] = {
         name: {key: (r[key] / base[key] if base.get(key) else None)
                for key in ("temp", "peak", "compile_s", "instructions",
-                           "ordinary", "update", "amortized")
+                           "kernels", "ordinary", "update", "amortized")
                if key in r and key in base}
         for name, r in by_name.items()}
   return out
@@ -295,27 +327,30 @@ def markdown(result: dict) -> str:
            f"Command: `{meta['command']}`  ",
            f"Machine: {meta['machine']}; jax {meta['jax']}; {meta['date']}",
            "", "| layers | optimizer | state MiB | temp MiB | peak MiB | "
-           "compile s | HLO instr | ordinary ms | update ms | amortized ms |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "compile s | HLO instr | kernels | ordinary ms | update ms | "
+           "amortized ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for depth, by_name in result["rows"].items():
     for name, r in by_name.items():
       ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"
       lines.append(
           f"| {depth} | {name} | {r['state_bytes'] / MiB:.1f} | "
           f"{r['temp'] / MiB:.1f} | {r['peak'] / MiB:.1f} | "
-          f"{r['compile_s']:.1f} | {r['instructions']} | {ms('ordinary')} | "
+          f"{r['compile_s']:.1f} | {r['instructions']} | "
+          f"{r.get('kernels', '-')} | {ms('ordinary')} | "
           f"{ms('update')} | {ms('amortized')} |")
   layers = sorted(result["rows"], key=int)
   if len(layers) >= 2:
     a, b = layers[0], layers[-1]
-    lines += ["", "Instructions added per layer (between the smallest and "
-              "largest depth):", ""]
+    lines += ["", "Instructions and kernels added per layer (between the "
+              "smallest and largest depth):", ""]
     for name in result["rows"][b]:
       if name in result["rows"][a]:
-        per = ((result["rows"][b][name]["instructions"]
-                - result["rows"][a][name]["instructions"])
-               / (int(b) - int(a)))
-        lines.append(f"- {name}: {per:.0f}")
+        per = lambda key: ((result["rows"][b][name].get(key, 0)
+                            - result["rows"][a][name].get(key, 0))
+                           / (int(b) - int(a)))
+        lines.append(f"- {name}: {per('instructions'):.0f} instructions, "
+                     f"{per('kernels'):.1f} kernels")
   lines += ["", "Ratios to galore (same depth):", ""]
   for depth, by_name in result["ratios"].items():
     for name, r in by_name.items():

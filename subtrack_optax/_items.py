@@ -91,17 +91,21 @@ def put(setters: Sequence[Callable], carry: tuple, leaf: jax.Array,
   Per leaf ``i`` a loop of ``leaf == i`` trips around its setter (a dynamic
   update): a loop updates its carry in place and one that does not run
   touches nothing, whereas a switch would copy every leaf it passes through.
+  The loops count down one scalar, ``t = leaf - i`` (loop ``i`` runs while
+  ``t == 0``), so their conditions and decrements are the same code for
+  every leaf: compiled once, not once per leaf with ``i`` folded in.
   """
   if len(carry) == 1:
     return (setters[0](carry[0], batch, new),)
   out = []
-  for i, (setter, arrays) in enumerate(zip(setters, carry)):
-    trips = (leaf == i).astype(jnp.int32)
-    _, arrays = jax.lax.while_loop(
-        lambda loop: loop[0] < trips,
-        lambda loop, setter=setter: (loop[0] + 1,
+  t = leaf.astype(jnp.int32)
+  for setter, arrays in zip(setters, carry):
+    t, arrays = jax.lax.while_loop(
+        lambda loop: loop[0] == 0,
+        lambda loop, setter=setter: (loop[0] - 1,
                                      setter(loop[1], batch, new)),
-        (jnp.zeros([], jnp.int32), tuple(arrays)))
+        (t, tuple(arrays)))
+    t = t - 1
     out.append(arrays)
   return tuple(out)
 

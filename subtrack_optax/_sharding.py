@@ -299,9 +299,11 @@ def split_sharding(x, shape, groups) -> Optional[NamedSharding]:
 
 
 def like(x, ref):
-  """``x`` resharded to ``ref``'s explicit sharding (else ``x`` as is)."""
+  """``x`` resharded to ``ref``'s explicit sharding (else ``x`` as is; a
+  constant with no sharding of its own, such as a NumPy-made start block,
+  is placed with ``ref``'s)."""
   s = explicit_sharding(ref)
-  if s is None or explicit_sharding(x) is None:
+  if s is None:
     return x
   return jax.sharding.reshard(x, s)
 

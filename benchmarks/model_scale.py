@@ -8,8 +8,9 @@ interval of the config), ``chain(clip_by_global_norm(1), <optimizer>)``,
 * per (optimizer, depth), each compile in a fresh process: compile time,
   ``memory_analysis()`` (argument, output, alias, temp and
   peak = argument + output - alias + temp), optimized-HLO instruction count,
-  distinct fusion kernels (:func:`hlo_kernels`), optimizer-state bytes; with ``--train-step`` also the compile time and
-  memory of the full train step (forward + backward + update);
+  distinct fusion kernels (:func:`hlo_kernels`), optimizer-state bytes;
+  with ``--train-step`` also the compile time and memory of the full train
+  step (forward + backward + update);
 * per depth, in one process, interleaved: the ordinary step, the
   subspace-update step (count = k) and the first step (count = 0), medians
   over ``--repeats``; amortized at ``k``: ``((k - 1) ordinary + update) / k``;
@@ -171,14 +172,15 @@ def compile_update(config: str, layers: int, name: str) -> dict:
       params, state, params).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
+  text = compiled.as_text()
   out = {
       "compile_s": seconds,
       "argument": mem.argument_size_in_bytes,
       "output": mem.output_size_in_bytes,
       "alias": mem.alias_size_in_bytes,
       "temp": mem.temp_size_in_bytes,
-      "instructions": hlo_instructions(compiled.as_text()),
-      "kernels": hlo_kernels(compiled.as_text()),
+      "instructions": hlo_instructions(text),
+      "kernels": hlo_kernels(text),
       "state_bytes": sum(x.size * x.dtype.itemsize
                          for x in jax.tree.leaves(state)),
   }

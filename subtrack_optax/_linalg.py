@@ -389,6 +389,16 @@ def gram_apply(x: jax.Array, q: jax.Array, inv: jax.Array,
   ``transposed``: ``x`` is ``X^T`` (``(..., D, d)``); the products are
   taken with it as it lies (no transposed copy).
 
+  The two products with ``X`` run at JAX's default matmul precision, as
+  the regular step's projection ``P = S^T X`` does (float32 on CPU; set
+  ``jax.default_matmul_precision("highest")`` for float32 passes on TPU
+  and GPU), not at :data:`HIGHEST`: a basis needs no more precision than
+  the products it is used in, and on XLA:TPU each full-precision product
+  with a gradient-sized matrix compiled into six bfloat16 passes and
+  tripled the update's compile time (docs/performance.md). The small
+  ``d x k`` and ``k x k`` factorizations that follow stay at
+  :data:`HIGHEST` (they keep the basis orthonormal).
+
   Args:
     x: ``X`` ``(..., d, D)`` (or ``X^T`` if ``transposed``), float32.
     q: ``(..., d, k)``.
@@ -398,9 +408,10 @@ def gram_apply(x: jax.Array, q: jax.Array, inv: jax.Array,
   Returns:
     ``(..., d, k)`` float32.
   """
+  mm = _sharding.sharded_matmul
   if transposed:
-    return inv * _mT(matmul(_mT(inv * matmul(x, q)), x))
-  return inv * matmul(x, inv * matmul(_mT(x), q))
+    return inv * _mT(mm(_mT(inv * mm(x, q)), x))
+  return inv * mm(x, inv * mm(_mT(x), q))
 
 
 def inverse_or_zero(norm: jax.Array) -> jax.Array:

@@ -168,6 +168,41 @@ def test_no_transposed_copy_of_a_gradient(mode):
   assert "f32[16,48]" not in text       # ... and never transposed
 
 
+_DOT = re.compile(r"stablehlo\.dot_general.*precision = \[(\w+), (\w+)\]"
+                  r" : \((.*)\) ->")
+
+
+def gradient_products(params, mode: str) -> list:
+  """The precisions of every product with a gradient-sized operand in the
+  lowered update (StableHLO: the precision each product asks for)."""
+  tx = st.subtrack(4, 5, subspace_update=mode)
+  text = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
+  sizes = {"x".join(map(str, p.shape)) for p in params.values()}
+  sizes |= {"x".join(map(str, p.shape[::-1])) for p in params.values()}
+  out = []
+  for m in _DOT.finditer(text):
+    operands = re.findall(r"tensor<([\dx]+)x[fb]", m.group(3))
+    if any(o in sizes for o in operands):
+      out.append((m.group(1), m.group(2)))
+  return out
+
+
+@pytest.mark.parametrize("mode", ["grassmann", "svd"])
+def test_gradient_products_at_default_precision(mode):
+  """Products with a gradient-sized operand (the projection and the
+  subspace update's ``X (X^T Q)``) ask for JAX's
+  default precision, so ``jax.default_matmul_precision`` governs them all;
+  at ``HIGHEST`` XLA:TPU compiled each into six bfloat16 passes and the
+  1B update's compile took 1.8x as long (docs/performance.md)."""
+  params = {"wide": jnp.zeros((32, 48)), "tall": jnp.zeros((48, 16))}
+  got = gradient_products(params, mode)
+  # per leaf: P = S^T X and the two products of each X X^T Q site
+  assert len(got) >= 2 * 3, got
+  assert set(got) == {("DEFAULT", "DEFAULT")}, got
+  with jax.default_matmul_precision("highest"):
+    assert set(gradient_products(params, mode)) == {("HIGHEST", "HIGHEST")}
+
+
 _EDGE = re.compile(r"(body|condition|to_apply|calls|branch_computations)="
                    r"(\{[^}]*\}|%[\w.\-]+)")
 

@@ -90,6 +90,12 @@ def subtrack(
   basis and a refresh, so a regular step touches no basis. All factorizations
   are of ``r x r`` (or ``2r x 2r``) matrices and are matmul-only.
 
+  Products with a gradient (``S^T X``, and ``X (X^T Q)`` in the subspace
+  update) run at JAX's default matmul precision (float32 on CPU; one
+  bfloat16 pass on TPU); the small factorizations at ``HIGHEST``. Trace the
+  update under ``jax.default_matmul_precision("highest")`` for float32
+  passes everywhere.
+
   Args:
     rank: projection rank ``r`` (static).
     update_interval: ``k``, steps between subspace updates.

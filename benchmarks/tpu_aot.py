@@ -136,7 +136,8 @@ def _case(spec: dict) -> dict:
 
   dtype = jnp.bfloat16 if spec["what"] == "train" else None
   abstract_model = nnx.eval_shape(
-      lambda: _llama.Llama(cfg, nnx.Rngs(0), dtype=dtype))
+      lambda: _llama.Llama(cfg, nnx.Rngs(0), dtype=dtype,
+                           remat=spec.get("remat", False)))
   graphdef = nnx.graphdef(abstract_model)
   params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -260,13 +261,26 @@ def run_case(spec: dict) -> dict:
   wall, rss = time.perf_counter() - t0, usage.ru_maxrss / 1024
   lines = [l for l in stdout.splitlines() if l.startswith("{")]
   if proc.returncode != 0 or not lines:
-    why = ("over the memory limit" if any(
-        k in stderr for k in ("MemoryError", "RESOURCE_EXHAUSTED",
-                              "bad_alloc", "Cannot allocate")) else "failed")
-    return {**spec, "status": why, "error": stderr[-1500:], "wall_s": wall,
+    return {**spec, "status": failure_status(stderr), "error": stderr[-1500:],
+            "wall_s": wall,
             "rss_mib": rss}
   return {**json.loads(lines[-1]), "status": "ok", "wall_s": wall,
           "rss_mib": rss}
+
+
+def failure_status(stderr: str) -> str:
+  """Why a compile failed, from its process's stderr: the program does not
+  fit a chip's HBM (XLA:TPU's ``CompileTimeHbmOom``, with both sizes), the
+  compiler ran out of the address-space limit, or anything else."""
+  hbm = re.search(r"CompileTimeHbmOom.*?\(([\d.]+G)\) exceeds available "
+                  r"HBM \(([\d.]+G)\)", stderr)
+  if hbm:
+    return (f"does not fit the chip: {hbm.group(1)} of temporaries, "
+            f"{hbm.group(2)} of HBM")
+  if any(k in stderr for k in ("MemoryError", "RESOURCE_EXHAUSTED",
+                               "bad_alloc", "Cannot allocate")):
+    return "over the memory limit"
+  return "failed"
 
 
 def markdown(rows, header) -> str:
@@ -304,6 +318,9 @@ def main(argv=None):
   p.add_argument("--optimizers", nargs="+",
                  default=["adamw", "subtrack", "subtrack/svd", "galore"])
   p.add_argument("--what", nargs="+", default=["update", "train"])
+  p.add_argument("--remat", action="store_true",
+                 help="train step: recompute each block's activations in "
+                 "the backward pass (nnx.remat)")
   p.add_argument("--batch", type=int, default=16,
                  help="sequences per train step (global)")
   p.add_argument("--time-limit", type=int, default=1200,
@@ -336,7 +353,8 @@ def main(argv=None):
       spec = {"size": args.size, "layers": args.layers, "layers_used": layers,
               "topology": args.topology, "tp": args.tp, "optimizer": opt,
               "what": what,
-              "batch": args.batch, "time_limit_s": args.time_limit,
+              "batch": args.batch, "remat": args.remat,
+              "time_limit_s": args.time_limit,
               "memory_gb": args.memory_gb}
       r = run_case(spec)
       rows.append(r)
@@ -367,7 +385,8 @@ def main(argv=None):
       f"- limits per compile: {args.time_limit} s, {args.memory_gb:g} GiB "
       "address space; update: `tx.update` + `apply_updates` (f32, state "
       f"donated); train: forward + backward + update, bf16 compute, batch "
-      f"{args.batch} x {_configs.CONFIGS[args.size].seq_len}",
+      f"{args.batch} x {_configs.CONFIGS[args.size].seq_len}"
+      + (", blocks rematerialized" if args.remat else ""),
       LEGEND]
   md = markdown(rows, header)
   os.makedirs(RESULTS, exist_ok=True)

@@ -105,6 +105,8 @@ class Llama(nnx.Module):
 
   Parameters are float32; ``dtype`` (e.g. ``jnp.bfloat16``) is the compute
   dtype of the activations (``None``: float32). Logits are float32.
+  ``remat``: recompute each block's activations in the backward pass
+  (:func:`flax.nnx.remat`) instead of keeping them.
 
   Example:
     >>> from flax import nnx
@@ -113,7 +115,9 @@ class Llama(nnx.Module):
     (2, 16, 256)
   """
 
-  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype=None,
+               remat: bool = False):
+    self.remat = remat
     self.embed = nnx.Embed(cfg.vocab, cfg.hidden, embedding_init=_INIT,
                            dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs, dtype)
@@ -124,7 +128,9 @@ class Llama(nnx.Module):
   def __call__(self, tokens):
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x)
+      # remat: keep only each block's input for the backward pass (the
+      # paper's 7B train step does not fit a 16 GiB chip otherwise).
+      x = nnx.remat(lambda b, x: b(x))(block, x) if self.remat else block(x)
     return self.head(self.norm(x)).astype(jnp.float32)
 
 

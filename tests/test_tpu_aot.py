@@ -68,3 +68,17 @@ def test_mesh_axes_fsdp_and_tensor_parallel():
   assert axes((2048,), 4, 4) == (("fsdp", "tp"),)
   assert axes((12,), 4, 4) == ("fsdp",)
   assert axes((6,), 4, 4) == (None,)
+
+
+def test_failure_status_names_the_cause():
+  """A case that fails says why: a program over a chip's HBM (with both
+  sizes) is not the compiler running out of its own memory limit."""
+  status = _tpu_worker._module().failure_status
+  hbm = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: E1000: "
+         "CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+         "required for HLO temporaries (17.40G) exceeds available HBM "
+         "(15.75G). HLO module: jit_step.")
+  assert status(hbm) == ("does not fit the chip: 17.40G of temporaries, "
+                         "15.75G of HBM")
+  assert status("MemoryError: std::bad_alloc") == "over the memory limit"
+  assert status("ValueError: something else") == "failed"

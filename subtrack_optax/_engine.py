@@ -180,7 +180,16 @@ def sweep_unrolled(cfg, count: jax.Array, count_inc: jax.Array,
 
 
 def _sweeps(cfg, count, count_inc, frames, phases, leaves) -> Leaves:
-  """Every group's sweep (:func:`sweep_group`), results in leaf order."""
+  """Every group's sweep (:func:`sweep_group`), results in leaf order.
+
+  The gradients pass an optimization barrier first: in a train step XLA
+  otherwise reduced each gradient that the sweeps read whole across the
+  batch's devices (an all-reduce, then this device's slice) instead of
+  reduce-scattering it (XLA:TPU, the 7B shapes on 256 chips: every MLP
+  gradient; docs/sharding.md).
+  """
+  leaves = leaves._replace(
+      gs=list(jax.lax.optimization_barrier(tuple(leaves.gs))))
   out = Leaves(*(list(t) for t in leaves))
   for members in group_leaves(frames, leaves):
     got = sweep_group(cfg, count, count_inc, [frames[i] for i in members],

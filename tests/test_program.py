@@ -172,11 +172,17 @@ _DOT = re.compile(r"stablehlo\.dot_general.*precision = \[(\w+), (\w+)\]"
                   r" : \((.*)\) ->")
 
 
+def lowered_update(params, mode: str = "grassmann") -> str:
+  """The update's StableHLO text (what each operation asks for, before
+  XLA's passes)."""
+  tx = st.subtrack(4, 5, subspace_update=mode)
+  return jax.jit(tx.update).lower(params, tx.init(params)).as_text()
+
+
 def gradient_products(params, mode: str) -> list:
   """The precisions of every product with a gradient-sized operand in the
   lowered update (StableHLO: the precision each product asks for)."""
-  tx = st.subtrack(4, 5, subspace_update=mode)
-  text = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
+  text = lowered_update(params, mode)
   sizes = {"x".join(map(str, p.shape)) for p in params.values()}
   sizes |= {"x".join(map(str, p.shape[::-1])) for p in params.values()}
   out = []
@@ -211,10 +217,8 @@ def test_gradients_enter_through_one_barrier():
   so the default suite checks the barrier itself)."""
   params = {"wide": jnp.zeros((32, 48)), "tall": jnp.zeros((48, 16)),
             "bias": jnp.zeros((5,))}
-  tx = st.subtrack(4, 5)
-  text = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
   entry = re.findall(r"stablehlo\.optimization_barrier (%arg[\d, %arg]+) :"
-                     r" ([^\n]+)", text)
+                     r" ([^\n]+)", lowered_update(params))
   assert len(entry) == 1, entry
   assert sorted(entry[0][1].split(", ")) == ["tensor<32x48xf32>",
                                              "tensor<48x16xf32>"]

@@ -192,9 +192,11 @@ def psd_eig(a: jax.Array, sweeps: int = 16,
   # Position order of a round-robin tournament: position i (< h) holds
   # player i and position h + i holds player kk - 1 - i.
   order = np.concatenate([np.arange(h), np.arange(kk - 1, h - 1, -1)])
-  eye = np.eye(kk, dtype=np.float32)[:, order]
-  w = jnp.concatenate([jnp.take(a, order, axis=-1),
-                       jnp.broadcast_to(eye, a.shape)], axis=-2)
+  # The permuted identity from an iota: a NumPy one is a kk x kk constant
+  # of the program (16 MiB per copy at k = 2048).
+  eye = (jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 2)
+         == jnp.asarray(order, jnp.int32)).astype(jnp.float32)
+  w = jnp.concatenate([jnp.take(a, order, axis=-1), eye], axis=-2)
   w, _, _ = jax.lax.while_loop(
       lambda c: (c[1] < sweeps) & (c[2] > tol),
       functools.partial(_one_sided_sweep, kk),
@@ -467,22 +469,52 @@ def top_eigvecs_of_gram(gram, norm: jax.Array, q0: jax.Array,
   return jnp.where(ok, s, unit.astype(s.dtype))
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """An invertible avalanche mix of ``uint32`` words (multiply-xorshift, the
+  "lowbias32" constants of C. Wellons' hash-prospector)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
 def start_block(d: int, rank: int) -> jax.Array:
-  """The fixed Gaussian start block ``(d, min(d, 2 rank))`` of the subspace
-  iteration: deterministic, independent of the data; drawn by NumPy at
-  trace time (a constant of the program, not code to compile; drawing it
-  with ``jax.random`` compiled and ran seven small programs on the first
-  trace, 0.7 s of tracing a 60m model's update on CPU)."""
+  r"""The fixed start block ``(d, k)``, ``k = min(d, 2 rank)``, of the
+  subspace iteration: deterministic and independent of the data.
+
+  .. math:: Q_0[i, j] = \sqrt{3 / d}\;(2 u_{ij} - 1),\qquad
+            u_{ij} = \mathrm{hash}(i k + j) / 2^{32} \in [0, 1)
+
+  (entries of variance ``1/d``: unit columns in expectation). The block is
+  *computed in the program* from an iota and an integer hash
+  (:func:`_mix32`), elementwise, so XLA lays it out like its consumer
+  (sharded where ``Q`` is) and stores nothing: a block drawn on the host
+  is a constant of the compiled program, one copy per branch that uses
+  it (at the 7B shapes on XLA:TPU, three 32 MiB copies counted in every
+  chip's peak). A continuous distribution is all the iteration needs (its
+  start is then almost surely not deficient in the top-``rank``
+  subspace); ``jax.random`` in the update compiled a threefry kernel and,
+  at trace time, seven small programs.
+
+  Example:
+    >>> q0 = start_block(64, 4)
+    >>> q0.shape
+    (64, 8)
+  """
   k = min(d, 2 * rank)
-  draw = np.random.default_rng(0x5B7).standard_normal((d, k), np.float32)
-  return jnp.asarray(draw / np.float32(math.sqrt(d)))
+  idx = (jax.lax.broadcasted_iota(jnp.uint32, (d, k), 0) * jnp.uint32(k)
+         + jax.lax.broadcasted_iota(jnp.uint32, (d, k), 1))
+  bits = _mix32(idx ^ jnp.uint32(0x5B7A3C1D)) >> 8          # 24 random bits
+  u = (bits.astype(jnp.float32) + 0.5) * (2.0 ** -24)       # (0, 1)
+  return (2.0 * u - 1.0) * math.sqrt(3.0 / d)
 
 
 def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
   """Top-``rank`` left singular vectors of ``x`` (``..., d, D``).
 
   :func:`top_eigvecs_of_gram` of ``X_n X_n^T`` (``X_n = X / ||X||_F``,
-  :func:`gram_apply`) from a fixed Gaussian block of ``k = min(d, 2 * rank)``
+  :func:`gram_apply`) from a fixed pseudo-random block of ``k = min(d, 2 * rank)``
   columns (:func:`start_block`): subspace iteration with Householder
   orthonormalization, then Rayleigh-Ritz by Jacobi; the Ritz vectors are
   returned in descending order of singular value. Columns are

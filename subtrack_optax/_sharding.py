@@ -300,7 +300,7 @@ def split_sharding(x, shape, groups) -> Optional[NamedSharding]:
 
 def like(x, ref):
   """``x`` resharded to ``ref``'s explicit sharding (else ``x`` as is; a
-  constant with no sharding of its own, such as a NumPy-made start block,
+  constant or iota-made array with no sharding of its own,
   is placed with ``ref``'s)."""
   s = explicit_sharding(ref)
   if s is None:

@@ -22,11 +22,13 @@ Usage::
   python benchmarks/tpu_aot.py --size 1b --topology v5e:4x4 \
       --optimizers adamw subtrack --what update
   python benchmarks/tpu_aot.py --size 1b --layers 2 --what train   # smaller
+  python benchmarks/tpu_aot.py --size 1b --explicit   # Explicit mesh axes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -128,8 +130,11 @@ def _case(spec: dict) -> dict:
     cfg = dataclasses.replace(cfg, layers=spec["layers"])
   topo = topologies.get_topology_desc(spec["topology"], "tpu")
   n, tp = len(topo.devices), spec.get("tp", 1)
+  axis_type = (jax.sharding.AxisType.Explicit if spec.get("explicit")
+               else jax.sharding.AxisType.Auto)
   mesh = jax.sharding.Mesh(
-      np.asarray(topo.devices).reshape(n // tp, tp), ("fsdp", "tp"))
+      np.asarray(topo.devices).reshape(n // tp, tp), ("fsdp", "tp"),
+      axis_types=(axis_type,) * 2)
 
   def spec_of(shape):
     return P(*mesh_axes(shape, n // tp, tp))
@@ -179,19 +184,29 @@ def _case(spec: dict) -> dict:
                                  sharding=NamedSharding(mesh, P("fsdp")))
 
     def step(params, state, batch):
-      def loss(p):
+      def loss(p, batch):
         logits = nnx.merge(graphdef, p)(batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch[:, 1:]).mean()
-      grads = jax.grad(loss)(params)
+      if spec.get("explicit"):
+        # The model runs with Auto axes inside the explicit program (flax's
+        # embedding lookup has no out_sharding); the gradients come back
+        # typed with their parameters' shardings, and the optimizer update
+        # runs in explicit mode.
+        loss = jax.sharding.auto_axes(loss, out_sharding=P())
+      grads = jax.grad(loss)(params, batch)
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
     args = (a_params, a_state, batch)
 
   t0 = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_sh).lower(
-      *args)
-  compiled = lowered.compile()
+  # Explicit axes need the mesh in context (Auto runs as before, without).
+  context = (jax.set_mesh(mesh) if spec.get("explicit")
+             else contextlib.nullcontext())
+  with context:
+    lowered = jax.jit(step, donate_argnums=(0, 1),
+                      out_shardings=out_sh).lower(*args)
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   text = compiled.as_text()
@@ -318,6 +333,11 @@ def main(argv=None):
   p.add_argument("--optimizers", nargs="+",
                  default=["adamw", "subtrack", "subtrack/svd", "galore"])
   p.add_argument("--what", nargs="+", default=["update", "train"])
+  p.add_argument("--explicit", action="store_true",
+                 help="explicit-sharding mode: the mesh's axes are "
+                 "jax.sharding.AxisType.Explicit (arrays typed with their "
+                 "shardings; the train step gathers each weight for the "
+                 "forward by jax.sharding.reshard)")
   p.add_argument("--remat", action="store_true",
                  help="train step: recompute each block's activations in "
                  "the backward pass (nnx.remat)")
@@ -354,6 +374,7 @@ def main(argv=None):
               "topology": args.topology, "tp": args.tp, "optimizer": opt,
               "what": what,
               "batch": args.batch, "remat": args.remat,
+              "explicit": args.explicit,
               "time_limit_s": args.time_limit,
               "memory_gb": args.memory_gb}
       r = run_case(spec)
@@ -369,11 +390,13 @@ def main(argv=None):
     libtpu_version = "not installed"
   tag = args.tag or f"{args.size}_{args.topology.replace(':', '_')}" + (
       f"_{layers}l" if args.layers else "") + (
-          f"_tp{args.tp}" if args.tp > 1 else "")
+          f"_tp{args.tp}" if args.tp > 1 else "") + (
+              "_explicit" if args.explicit else "")
   layout = ("FSDP over all chips" if args.tp == 1 else
             f"FSDP x tensor parallel, mesh (fsdp, tp) = (chips / {args.tp}, "
             f"{args.tp}): each kernel's largest axis over fsdp, its other "
-            f"axis over tp where it divides")
+            f"axis over tp where it divides") + (
+                "; explicit-sharding mode" if args.explicit else "")
   header = [
       f"## AOT compile for `{args.topology}` ({args.size} LLaMA shapes, "
       f"{layers} layers, vocabulary {VOCAB}, {layout})", "",

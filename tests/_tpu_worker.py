@@ -4,8 +4,8 @@ Run by tests/test_tpu_aot.py in a subprocess (libtpu is loaded once per
 process). Compiles, with the real XLA:TPU compiler on an abstract
 ``v5e:2x2`` slice (4 chips, no TPU needed), through
 ``benchmarks/tpu_aot.py``'s own case function: subtrack's update and train
-step and AdamW's train step (the 60m widths, 2 layers, vocabulary 32000,
-FSDP), and, as a probe that the custom-call check can fail, a program that
+step, AdamW's train step and subtrack's update in explicit-sharding mode
+(the 60m widths, 2 layers, vocabulary 32000, FSDP), and, as a probe that the custom-call check can fail, a program that
 calls ``jnp.linalg.qr``. Prints one JSON object on its last stdout line.
 """
 
@@ -45,12 +45,16 @@ def _qr_probe(aot) -> list:
 def main():
   aot = _module()
   out = {"qr_probe": _qr_probe(aot)}
-  for opt, what in (("subtrack", "update"), ("subtrack", "train"),
-                    ("adamw", "train")):
-    print(f"compiling {opt} {what}", file=sys.stderr, flush=True)
-    r = aot._case({**SPEC, "optimizer": opt, "what": what})  # pylint: disable=protected-access
+  for opt, what, explicit in (("subtrack", "update", False),
+                              ("subtrack", "train", False),
+                              ("adamw", "train", False),
+                              ("subtrack", "update", True)):
+    name = f"{opt} {what}" + (" explicit" if explicit else "")
+    print(f"compiling {name}", file=sys.stderr, flush=True)
+    r = aot._case({**SPEC, "optimizer": opt, "what": what,  # pylint: disable=protected-access
+                   "explicit": explicit})
     r["large_collectives"] = len(r["large_collectives"])
-    out[f"{opt} {what}"] = r
+    out[name] = r
   print(json.dumps(out), flush=True)
 
 

@@ -2,8 +2,8 @@
 
 tests/_tpu_worker.py compiles, with libtpu's XLA:TPU compiler on an
 abstract ``v5e:2x2`` slice, a small LLaMA's (60m widths, 2 layers,
-vocabulary 32000, FSDP over 4 chips) subtrack update, subtrack train step
-and AdamW train step (``benchmarks/tpu_aot.py``'s cases). Asserted, from
+vocabulary 32000, FSDP over 4 chips) subtrack update (Auto and Explicit
+axes), subtrack train step and AdamW train step (``benchmarks/tpu_aot.py``'s cases). Asserted, from
 the compiler's own output: no collective in the update as large as a
 projected matrix (no gathered gradient), no linear-algebra custom call (the
 check is shown to catch ``jnp.linalg.qr``), the optimizer state split
@@ -47,6 +47,10 @@ def test_v5e_2x2_train_step_structure(report):
   for r in (update, train):
     assert r["linalg_custom_calls"] == [], r["custom_calls"]
     assert r["state_vs_even_split"] <= 1.05
+  explicit = report["subtrack update explicit"]
+  assert explicit["explicit"] and explicit["large_collectives"] == 0
+  assert explicit["linalg_custom_calls"] == [], explicit["custom_calls"]
+  assert explicit["state_vs_even_split"] <= 1.05
   saved = adamw["state_per_chip_mib"] - train["state_per_chip_mib"]
   assert saved > 0
   assert train["peak_mib"] > 0

@@ -71,10 +71,20 @@ def group_leaves(frames: Sequence[_frame.Frame],
 
 
 def _get(f: _frame.Frame, arrays: tuple, b: jax.Array) -> tuple:
-  """Item ``b`` of a leaf: its matrix as it lies, and its state."""
+  """Item ``b`` of a leaf: its matrix as it lies, and its state.
+
+  Under explicit sharding the item's basis and moments are gathered along
+  their stored ``r``-axis shards here, one item at a time
+  (:func:`~subtrack_optax._sharding.to_compute_layout`; :func:`_set`
+  writes them back in the stored layout): gathering every leaf's state
+  before the sweeps kept all of it gathered at once (the 1B update on 16
+  TPU chips: 2.4 GiB of temporaries, docs/sharding.md).
+  """
   idx = _items.batch_index(f, b)
-  g, *state = (_items.slice_at(a, idx) for a in arrays)
-  return (f.item_matrix(g), *state)
+  g, s, mu, nu, prev = (_items.slice_at(a, idx) for a in arrays)
+  x = f.item_matrix(g)
+  s, mu, nu = _sharding.to_compute_layout(f.to_canonical(x), s, mu, nu)
+  return x, s, mu, nu, prev
 
 
 def _set(f: _frame.Frame, arrays: tuple, b: jax.Array, new: tuple) -> tuple:
@@ -125,7 +135,7 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
     count_inc: the count after it.
     frames: the group's leaves' frames.
     phases: each leaf's phase in the ``k``-step window.
-    leaves: the group's leaves (gradients as given, state in compute layout).
+    leaves: the group's leaves (gradients as given, state as stored).
 
   Returns:
     The group's updates (each leaf's shape and dtype) and new state.
@@ -222,7 +232,7 @@ def update_projected(cfg, count: jax.Array, count_inc: jax.Array,
     count: the step count before this update.
     count_inc: the count after it.
     frames: the leaves' frames.
-    leaves: the gradients (as given) and the state (compute layout).
+    leaves: the gradients (as given) and the state (as stored).
 
   Returns:
     The updates (each leaf's shape and dtype) and the new state.

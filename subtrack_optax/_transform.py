@@ -278,13 +278,10 @@ def _update(cfg: _config.Config, dense_adam: optax.GradientTransformation,
   proj = [i for i, pl in enumerate(flat_plans) if pl.projected]
   frames = [_frame.Frame(flat_plans[i]) for i in proj]
 
-  # Explicit sharding: the r-axis shards of the state are all-gathered for
-  # the update (a no-op otherwise).
-  state_c = [_sharding.to_compute_layout(f.canonical(gs[i]), bases[i],
-                                         mus[i], nus[i])
-             for f, i in zip(frames, proj)]
-  leaves = _engine.Leaves([gs[i] for i in proj], *(
-      [c[k] for c in state_c] for k in range(3)), [prevs[i] for i in proj])
+  # The state as stored: under explicit sharding the sweeps gather each
+  # item's r-axis shards when they reach it.
+  leaves = _engine.Leaves(*([t[i] for i in proj]
+                            for t in (gs, bases, mus, nus, prevs)))
   leaves = _engine.update_projected(cfg, count, count_inc, frames, leaves)
 
   # Dense leaves: optax.scale_by_adam itself, on the tree whose projected

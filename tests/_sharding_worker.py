@@ -262,6 +262,27 @@ def explicit_variants():
   return out
 
 
+def explicit_temps_by_depth(depths=(2, 8)):
+  """Temporaries of the compiled update in Explicit mode for trees of
+  ``n`` same-shape leaves (FSDP on 4 devices, the basis's ``r`` axis
+  sharded): ``{n: temp bytes}`` and one leaf's gathered basis in bytes."""
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  d, big_d, rank = 64, 256, 16
+  out = {}
+  with jax.set_mesh(mesh):
+    for n in depths:
+      params = {f"w{i}": jax.device_put(
+          jnp.zeros((d, big_d)), NamedSharding(mesh, P(None, "data")))
+                for i in range(n)}
+      tx = st.subtrack(rank=rank, update_interval=2)
+      state = jax.jit(tx.init)(params)
+      compiled = jax.jit(tx.update, donate_argnums=1).lower(
+          params, state, params).compile()
+      out[n] = compiled.memory_analysis().temp_size_in_bytes
+  return {"temps": out, "gathered_basis_bytes": d * rank * 4}
+
+
 def controls():
   """Positive controls: the detectors do see a LAPACK call / a big gather."""
   eigh = jax.jit(jnp.linalg.eigh).lower(jnp.eye(4)).compile().as_text()
@@ -285,6 +306,7 @@ def main(argv):
          "cases": {}}
   out["controls"] = controls()
   out["explicit_variants"] = explicit_variants()
+  out["explicit_temps"] = explicit_temps_by_depth()
   print("controls and variants done", round(time.time() - t0, 1),
         flush=True, file=sys.stderr)
   for case in cases:

@@ -71,18 +71,26 @@ def group_leaves(frames: Sequence[_frame.Frame],
 
 
 def _get(f: _frame.Frame, arrays: tuple, b: jax.Array) -> tuple:
-  """Item ``b`` of a leaf: its matrix as it lies, and its state.
-
-  Under explicit sharding the item's basis and moments are gathered along
-  their stored ``r``-axis shards here, one item at a time
-  (:func:`~subtrack_optax._sharding.to_compute_layout`; :func:`_set`
-  writes them back in the stored layout): gathering every leaf's state
-  before the sweeps kept all of it gathered at once (the 1B update on 16
-  TPU chips: 2.4 GiB of temporaries, docs/sharding.md).
-  """
+  """Item ``b`` of a leaf: its matrix as it lies, and its state (stored
+  layout)."""
   idx = _items.batch_index(f, b)
-  g, s, mu, nu, prev = (_items.slice_at(a, idx) for a in arrays)
-  x = f.item_matrix(g)
+  g, *state = (_items.slice_at(a, idx) for a in arrays)
+  return (f.item_matrix(g), *state)
+
+
+def _gathered(f: _frame.Frame, item: tuple) -> tuple:
+  """The item with its basis and moments gathered along their stored
+  ``r``-axis shards under explicit sharding (a no-op otherwise;
+  :func:`~subtrack_optax._sharding.to_compute_layout`); :func:`_set`
+  writes them back in the stored layout.
+
+  One item at a time, after :func:`~subtrack_optax._items.pick`: gathering
+  every leaf's state before the sweeps kept all of it gathered at once, and
+  a gather inside each of the pick's branches got a buffer per leaf (the 1B
+  update on 16 TPU chips: 2.4 and 1.4 GiB of temporaries,
+  docs/sharding.md).
+  """
+  x, s, mu, nu, prev = item
   s, mu, nu = _sharding.to_compute_layout(f.to_canonical(x), s, mu, nu)
   return x, s, mu, nu, prev
 
@@ -151,8 +159,9 @@ def sweep_group(cfg, count: jax.Array, count_inc: jax.Array,
 
   def body(j, carry):
     leaf, batch = jnp.asarray(leaf_of)[j], jnp.asarray(batch_of)[j]
-    item = _items.pick([functools.partial(_get, f, a)
-                        for f, a in zip(frames, carry)], leaf, batch)
+    item = _gathered(frame, _items.pick(
+        [functools.partial(_get, f, a) for f, a in zip(frames, carry)],
+        leaf, batch))
     key = _items.item_key(root, jnp.asarray(hashes, jnp.uint32)[j], batch)
     new = _item_step(cfg, frame, count, count_inc, key,
                      jnp.asarray(phase_of)[j], item)
@@ -182,7 +191,7 @@ def sweep_unrolled(cfg, count: jax.Array, count_inc: jax.Array,
       b = jnp.int32(b)
       key = _items.item_key(root, jnp.uint32(f.plan.path_hash), b)
       new = _item_step(cfg, f, count, count_inc, key, phase,
-                       _get(f, arrays, b), differentiable=True)
+                       _gathered(f, _get(f, arrays, b)), differentiable=True)
       arrays = _set(f, arrays, b, new)
     for t, a in zip(out, (f.unordered(arrays[0]), *arrays[1:])):
       t.append(a)

@@ -484,7 +484,8 @@ def start_block(d: int, rank: int) -> jax.Array:
   subspace iteration: deterministic and independent of the data.
 
   .. math:: Q_0[i, j] = \sqrt{3 / d}\;(2 u_{ij} - 1),\qquad
-            u_{ij} = \mathrm{hash}(i k + j) / 2^{32} \in [0, 1)
+            u_{ij} = \big(\lfloor \mathrm{hash}(i k + j) / 2^8 \rfloor
+            + \tfrac12\big) / 2^{24} \in (0, 1)
 
   (entries of variance ``1/d``: unit columns in expectation). The block is
   *computed in the program* from an iota and an integer hash

@@ -292,8 +292,11 @@ def failure_status(stderr: str) -> str:
   if hbm:
     return (f"does not fit the chip: {hbm.group(1)} of temporaries, "
             f"{hbm.group(2)} of HBM")
+  # "mmap error: 12": an allocator's mmap refused with ENOMEM (the
+  # address-space limit), the way the compiler dies inside libtpu.
   if any(k in stderr for k in ("MemoryError", "RESOURCE_EXHAUSTED",
-                               "bad_alloc", "Cannot allocate")):
+                               "bad_alloc", "Cannot allocate",
+                               "mmap error: 12")):
     return "over the memory limit"
   return "failed"
 

@@ -90,4 +90,7 @@ def test_failure_status_names_the_cause():
   assert status(hbm) == ("does not fit the chip: 17.40G of temporaries, "
                          "15.75G of HBM")
   assert status("MemoryError: std::bad_alloc") == "over the memory limit"
+  # libtpu's allocator when mmap fails with ENOMEM under the limit
+  assert status("F1204 low_level_alloc.cc:624] RAW: mmap error: 12") == (
+      "over the memory limit")
   assert status("ValueError: something else") == "failed"

@@ -339,8 +339,8 @@ def main(argv=None):
   p.add_argument("--explicit", action="store_true",
                  help="explicit-sharding mode: the mesh's axes are "
                  "jax.sharding.AxisType.Explicit (arrays typed with their "
-                 "shardings; the train step gathers each weight for the "
-                 "forward by jax.sharding.reshard)")
+                 "shardings); the train step's model runs under "
+                 "jax.sharding.auto_axes, the optimizer update explicitly")
   p.add_argument("--remat", action="store_true",
                  help="train step: recompute each block's activations in "
                  "the backward pass (nnx.remat)")

@@ -515,10 +515,11 @@ def top_left_singular_vectors(x: jax.Array, rank: int) -> jax.Array:
   """Top-``rank`` left singular vectors of ``x`` (``..., d, D``).
 
   :func:`top_eigvecs_of_gram` of ``X_n X_n^T`` (``X_n = X / ||X||_F``,
-  :func:`gram_apply`) from a fixed pseudo-random block of ``k = min(d, 2 * rank)``
-  columns (:func:`start_block`): subspace iteration with Householder
-  orthonormalization, then Rayleigh-Ritz by Jacobi; the Ritz vectors are
-  returned in descending order of singular value. Columns are
+  :func:`gram_apply`) from a fixed pseudo-random block of
+  ``k = min(d, 2 * rank)`` columns (:func:`start_block`): subspace
+  iteration with Householder orthonormalization, then Rayleigh-Ritz by
+  Jacobi; the Ritz vectors are returned in descending order of singular
+  value. Columns are
   orthonormal for any input, zero and rank-deficient ``x`` included; a
   matrix with a non-finite entry gets the first ``rank`` unit vectors.
 

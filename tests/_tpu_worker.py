@@ -5,8 +5,9 @@ process). Compiles, with the real XLA:TPU compiler on an abstract
 ``v5e:2x2`` slice (4 chips, no TPU needed), through
 ``benchmarks/tpu_aot.py``'s own case function: subtrack's update and train
 step, AdamW's train step and subtrack's update in explicit-sharding mode
-(the 60m widths, 2 layers, vocabulary 32000, FSDP), and, as a probe that the custom-call check can fail, a program that
-calls ``jnp.linalg.qr``. Prints one JSON object on its last stdout line.
+(the 60m widths, 2 layers, vocabulary 32000, FSDP), and, as a probe that
+the custom-call check can fail, a program that calls ``jnp.linalg.qr``.
+Prints one JSON object on its last stdout line.
 """
 
 import importlib.util

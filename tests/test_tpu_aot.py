@@ -3,7 +3,8 @@
 tests/_tpu_worker.py compiles, with libtpu's XLA:TPU compiler on an
 abstract ``v5e:2x2`` slice, a small LLaMA's (60m widths, 2 layers,
 vocabulary 32000, FSDP over 4 chips) subtrack update (Auto and Explicit
-axes), subtrack train step and AdamW train step (``benchmarks/tpu_aot.py``'s cases). Asserted, from
+axes), subtrack train step and AdamW train step
+(``benchmarks/tpu_aot.py``'s cases). Asserted, from
 the compiler's own output: no collective in the update as large as a
 projected matrix (no gathered gradient), no linear-algebra custom call (the
 check is shown to catch ``jnp.linalg.qr``), the optimizer state split

@@ -188,3 +188,50 @@ def test_eval_noise_of_differences(tc):
   # by more than a constant.
   assert tc.paired_eval_noise({"runs": runs}, ref) == pytest.approx(
       0.2 / 3 ** 0.5 / 2 / 3, rel=1e-3)
+
+
+def test_child_env_adds_huge_pages_once_and_one_thread_when_shared(tc):
+  """Runs get glibc's huge pages for mmapped allocations (Linux) without
+  losing tunables already set, and one XLA:CPU thread only when runs share
+  the machine."""
+  import sys  # pylint: disable=g-import-not-at-top
+  one = tc.child_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, 1)
+  two = tc.child_env({}, 2)
+  assert "intra_op_parallelism_threads=1" not in one.get("XLA_FLAGS", "")
+  assert "intra_op_parallelism_threads=1" in two["XLA_FLAGS"]
+  if sys.platform.startswith("linux"):
+    assert one["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:"
+                                     + tc.HUGE_PAGES)
+    assert tc.child_env(two, 2)["GLIBC_TUNABLES"] == tc.HUGE_PAGES
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
+                    reason="no CPU affinity on this platform")
+def test_runs_in_flight_are_pinned_to_distinct_cores(tc, tmp_path,
+                                                     monkeypatch):
+  """With as many cores as jobs, each run in flight has a core of its own
+  (its child process's affinity), and a finished run frees its core."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < 2:
+    pytest.skip("needs two cores")
+  assert tc.core_slots(2) == [{cpus[0]}, {cpus[1]}]
+  assert tc.core_slots(1) == []
+
+  script = tmp_path / "child.py"
+  script.write_text(
+      "import json, os, sys\n"
+      "run = json.loads(sys.argv[2])\n"
+      "json.dump({'cores': sorted(os.sched_getaffinity(0))},"
+      " open(run['out'], 'w'))\n")
+  monkeypatch.setattr(tc.os.path, "abspath",
+                      lambda p, real=os.path.abspath: str(script)
+                      if p == tc.__file__ else real(p))
+  start, wait = tc.processes(2, str(tmp_path))
+  spec = {"method": "m"}
+  first = {start(spec, "sweep", -4, 0), start(spec, "sweep", -3, 0)}
+  got = [wait(), wait()]
+  assert {h for h, _ in got} == first
+  assert sorted(r["cores"] for _, r in got) == [[cpus[0]], [cpus[1]]]
+  third = start(spec, "final", -4, 1)   # a freed core is reused
+  handle, rec = wait()
+  assert handle == third and len(rec["cores"]) == 1

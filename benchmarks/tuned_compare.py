@@ -223,10 +223,11 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def child_env(env: dict, jobs: int) -> dict:
-  """The environment of a training run: the compilation cache, one XLA:CPU
-  thread when runs share the cores, and (Linux) glibc's transparent huge
-  pages for its mmapped allocations (:data:`HUGE_PAGES`; results are
-  unchanged, the time is not)."""
+  """The environment of a training run (:func:`processes` adds the shared
+  compilation cache): one XLA:CPU thread when runs share the cores, and
+  (Linux) glibc's transparent huge pages for its mmapped allocations
+  (:data:`HUGE_PAGES`: the program is unchanged, the page faults are
+  not)."""
   env = dict(env)
   env.setdefault("JAX_PLATFORMS", "cpu")
   if jobs > 1:

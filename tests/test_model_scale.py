@@ -51,12 +51,15 @@ def bench():
   return module
 
 
-def _compiled(bench, config, layers, name):
+def _compiled(bench, config, layers, name, jit=None):
+  """The update compiled as ``jit(tx)`` makes it (default: the benchmark's
+  ``donated_update``); returns ``cfg, params, compiled``."""
   cfg = bench.config_of(config, layers)
   params = bench.param_tree(cfg, scanned=name.endswith("/scanned"))
   tx = bench.make_tx(name, cfg)
   state = jax.eval_shape(tx.init, params)
-  compiled = bench.donated_update(tx).lower(params, state, params).compile()
+  compiled = (jit or bench.donated_update)(tx).lower(
+      params, state, params).compile()
   return cfg, params, compiled
 
 
@@ -76,20 +79,17 @@ def test_donated_state_is_updated_in_place(bench, name):
   shape of its own Adam moments) takes a moment's donated buffer, and XLA
   copies the moments paired one off (JAX pairs donated inputs with outputs
   by shape, in output order; docs/performance.md)."""
-  cfg = bench.config_of("tiny", 2)
-  params = bench.param_tree(cfg)
-  tx = bench.make_tx(name, cfg)
-  state = jax.eval_shape(tx.init, params)
+  cfg, params, first = _compiled(bench, "tiny", 2, name)
+  _, _, last = _compiled(bench, "tiny", 2, name, jit=lambda tx: jax.jit(
+      tx.update, donate_argnums=1))
+  state = jax.eval_shape(bench.make_tx(name, cfg).init, params)
   n_grads = len(jax.tree.leaves(params))
   # State leaves that are arrays (the step count, a scalar every loop gate
   # reads after its successor is formed, may be copied: 4 bytes).
   arrays = {n_grads + j for j, x in enumerate(jax.tree.leaves(state))
             if x.ndim}
   is_state = arrays.__contains__
-  first = bench.donated_update(tx).lower(params, state, params).compile()
   assert not [i for i in _copied_parameters(first.as_text()) if is_state(i)]
-  last = jax.jit(tx.update, donate_argnums=1).lower(
-      params, state, params).compile()
   assert [i for i in _copied_parameters(last.as_text()) if is_state(i)]
 
 

@@ -114,13 +114,20 @@ def _set(f: _frame.Frame, arrays: tuple, b: jax.Array, new: tuple) -> tuple:
 def _item_step(cfg, frame: _frame.Frame, count, count_inc, key, phase,
                item: tuple, differentiable: bool = False) -> tuple:
   """One matrix: its subspace step, then its regular step; returns what
-  :func:`_set` writes (``SW, phi`` and the new state, stored dtypes)."""
+  :func:`_set` writes (``SW, phi`` and the new state, stored dtypes).
+
+  Where :func:`~subtrack_optax._step.reuses_projection` (``grassmann``, a
+  float32 basis), ``P = S^T X`` is taken first and handed through the
+  subspace step (a tracking step updates it to ``S'^T X``) to the regular
+  step; otherwise the regular step takes it on the basis as it is then."""
   x, s, mu, nu, prev = item
-  s, mu_t, nu_t = _step.subspace_step(cfg, frame, count, key, phase, x, s,
-                                      mu, nu, differentiable)
+  x32 = x.astype(jnp.float32)
+  p = (_equations.project(frame, x32, s)
+       if _step.reuses_projection(cfg, s.dtype, differentiable) else None)
+  s, mu_t, nu_t, p = _step.subspace_step(cfg, frame, count, key, phase, x, s,
+                                         mu, nu, differentiable, p)
   sw, phi, mu_new, nu_new, prev_new = _step.regular_step(
-      cfg, frame, x.astype(jnp.float32), s, mu_t, nu_t, prev, count,
-      count_inc)
+      cfg, frame, x32, s, mu_t, nu_t, prev, count, count_inc, p)
   return (sw, phi, s, mu_new.astype(mu.dtype), nu_new.astype(nu.dtype),
           prev_new.astype(jnp.float32))
 

@@ -118,6 +118,23 @@ class Frame:
       return _sharding.sharded_matmul(bar(jnp.swapaxes(s, -1, -2)), g)
     return jnp.swapaxes(bar(_sharding.sharded_matmul(g, s)), -1, -2)
 
+  def times_transposed(self, g: jax.Array, a: jax.Array) -> jax.Array:
+    """``X A^T`` (``A``: ``(batch..., r, D)``; ``(batch..., d, r)``) with
+    matrix ``g`` as it lies: ``g A^T`` on rows, else ``(A g)^T`` (a
+    ``d x r`` transpose; ``g`` is not copied)."""
+    mm = _sharding.sharded_matmul
+    if self.basis_on_rows:
+      return mm(g, jnp.swapaxes(a, -1, -2))
+    return jnp.swapaxes(mm(a, g), -1, -2)
+
+  def row_times(self, w: jax.Array, g: jax.Array) -> jax.Array:
+    """``w^T X`` (``w``: ``(batch..., d)``; ``(batch..., D)``) with matrix
+    ``g`` as it lies."""
+    mm = _sharding.sharded_matmul
+    if self.basis_on_rows:
+      return mm(w[..., None, :], g)[..., 0, :]
+    return mm(g, w[..., :, None])[..., 0]
+
   def basis_times(self, s: jax.Array, w: jax.Array) -> jax.Array:
     """``S W`` (``W``: ``(batch..., r, D)``) in the matrix's layout."""
     if self.basis_on_rows:

@@ -2,7 +2,8 @@
 
 Everything here sees one matrix: its gradient as it lies (``m x n``; the
 subspace update sees its canonical ``X``, ``d x D``, only through ``X X^T
-Q`` and ``||X||``, :class:`XOps`, taken with the matrix as it lies), its
+Q``, ``||X||`` and, tracking, ``X A^T`` and ``w^T X``, :class:`XOps`, taken
+with the matrix as it lies), its
 basis ``S`` (``d x r``, stored dtype), its moments (``r x D``) and its
 recovery norm; :mod:`subtrack_optax._engine` sweeps a model's
 matrices through :func:`subspace_step` and :func:`regular_step` one at a
@@ -24,7 +25,7 @@ the matrix's :class:`~subtrack_optax._frame.Frame` (its orientation).
 
 import functools
 import types
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ from subtrack_optax import _sharding
 from subtrack_optax import _tracking
 
 __all__ = ["Item", "XOps", "matrix_ops", "REFRESH", "branch_index",
-           "subspace_branch", "run_if_due", "new_basis", "transport",
+           "subspace_branch", "run_if_due", "reuses_projection",
+           "new_basis", "transport",
            "subspace_step", "regular_step"]
 
 
@@ -49,11 +51,14 @@ class Item(NamedTuple):
       ``(r,)`` of a geodesic step (``grassmann``), else the change of basis
       ``C = S'^T S`` ``(r, r)``.
     theta: the rotation angle ``()`` (``grassmann``; 0 where kept).
+    projection: ``S'^T X`` ``(r, D)`` float32 where the caller passed the
+      old projection (:func:`reuses_projection`), else None.
   """
 
   basis: jax.Array
   change: jax.Array
   theta: jax.Array
+  projection: Optional[jax.Array] = None
 
 
 # ----------------------------------------------- the gradient, as seen --
@@ -61,17 +66,23 @@ class Item(NamedTuple):
 
 class XOps(NamedTuple):
   """The gradient matrix ``X`` (``d x D``) as the subspace update sees it:
-  only through these two functions, so the subspace update's code does not
+  only through these functions, so the subspace update's code does not
   depend on ``D`` (the products are the caller's: :func:`matrix_ops` takes
   them with the matrix as it lies).
 
   Attributes:
     gram: ``(Q, inv) -> inv X (inv X^T Q)`` (``(d, k) -> (d, k)``, float32).
     norm: ``() -> ||X||_F`` (non-finite if ``X`` is).
+    project: ``S -> S^T X`` (``(d, r) -> (r, D)``, float32).
+    times_transposed: ``A -> X A^T`` (``(r, D) -> (d, r)``).
+    row: ``w -> w^T X`` (``(d,) -> (D,)``).
   """
 
   gram: Callable
   norm: Callable
+  project: Callable
+  times_transposed: Callable
+  row: Callable
 
 
 def matrix_ops(frame: _frame.Frame, x: jax.Array) -> XOps:
@@ -81,7 +92,10 @@ def matrix_ops(frame: _frame.Frame, x: jax.Array) -> XOps:
   transposed = not frame.basis_on_rows
   return XOps(
       lambda q, inv: _linalg.gram_apply(x, q, inv, transposed=transposed),
-      lambda: _linalg.safe_frobenius_norm(x))
+      lambda: _linalg.safe_frobenius_norm(x),
+      lambda s: eq.project(frame, x, s),
+      lambda a: frame.times_transposed(x, a),
+      lambda w: frame.row_times(w, x))
 
 
 # --------------------------------------------------------- the refreshes --
@@ -94,25 +108,46 @@ def _top_basis(cfg, ops: XOps, s, norm) -> jax.Array:
   return _linalg.top_eigvecs_of_gram(ops.gram, norm, q0, cfg.rank)
 
 
-def _first(cfg, ops, count, key, s) -> Item:
-  """Step 0: the top-``r`` left singular vectors (nothing to transport)."""
+def _first(cfg, ops, count, key, s, p=None) -> Item:
+  """Step 0: the top-``r`` left singular vectors (nothing to transport);
+  with ``p`` (the old basis's projection), the new one's ``S^T X``."""
   del count, key
   basis = _top_basis(cfg, ops, s, ops.norm())
   change = (jnp.zeros(s.shape[-1:], jnp.float32)
             if cfg.subspace_update == "grassmann" else jnp.zeros(
                 s.shape[-1:] * 2, jnp.float32))
-  return Item(basis, change, jnp.zeros([]))
+  return Item(basis, change, jnp.zeros([]),
+              None if p is None else ops.project(basis))
 
 
-def _track_one(cfg, ops, count, key, s) -> Item:
-  """``grassmann``: one rank-1 geodesic step (keeps ``S`` on bad input)."""
+def _track_one(cfg, ops, count, key, s, p=None) -> Item:
+  r"""``grassmann``: one rank-1 geodesic step (keeps ``S`` on bad input).
+
+  With ``p = S^T X`` (the regular step's projection, computed first), the
+  gradient enters through one product with ``X`` instead of three:
+
+  .. math::
+
+     Y = X_n X_n^T S = \mathrm{inv}\,X\,(\mathrm{inv}\,P)^T,\qquad
+     S'^T X = P + v\,(w^T X)
+
+  (``S' = S + w v^T``, :func:`~subtrack_optax._tracking.geodesic_step`; the
+  Newton-Schulz correction it applies once the drift exceeds 1e-5 is left
+  out of ``S'^T X``, a change at the rounding level), and the regular step
+  takes ``S'^T X`` as its projection.
+  """
   del count, key
   norm = ops.norm()
   inv = (_linalg.inverse_or_zero(norm) if cfg.normalize_tracking
          else jnp.ones([]))
-  step = _tracking.geodesic_step(s, ops.gram(s, inv), jnp.isfinite(norm),
-                                 cfg.step_size)
-  return Item(step.basis, step.axis, step.theta)
+  y = (ops.gram(s, inv) if p is None
+       else inv * ops.times_transposed(inv * p))
+  step = _tracking.geodesic_step(s, y, jnp.isfinite(norm), cfg.step_size)
+  if p is None:
+    return Item(step.basis, step.axis, step.theta)
+  p_new = p + step.axis[..., :, None] * ops.row(step.direction)[..., None, :]
+  return Item(step.basis, step.axis, step.theta,
+              jnp.where(step.theta != 0, p_new, p))
 
 
 def _replacing(finite, new, old) -> Item:
@@ -203,19 +238,38 @@ def run_if_due(idx: jax.Array, branch_fns: Sequence[Callable], x,
 # ---------------------------------------------------- the subspace update --
 
 
+def reuses_projection(cfg, basis_dtype, differentiable: bool = False
+                      ) -> bool:
+  """Whether the projection ``P = S^T X`` is taken before the subspace
+  update and handed to it (``grassmann``: tracking reuses it,
+  :func:`_track_one`), rather than after it.
+
+  Not for a basis stored narrower than float32: the step then projects on
+  the stored (rounded) basis, not on the float32 rotation. Not in the form
+  derivatives are taken of, whose new basis is a constant: there ``S'^T
+  X`` is taken anew, so its derivative is ``S'^T dX``.
+  """
+  return (cfg.subspace_update == "grassmann" and not differentiable
+          and jnp.dtype(basis_dtype) == jnp.float32)
+
+
 def new_basis(cfg, ops: XOps, count: jax.Array, key: jax.Array,
-              idx: jax.Array, s: jax.Array) -> Item:
+              idx: jax.Array, s: jax.Array,
+              p: Optional[jax.Array] = None) -> Item:
   """The first basis (``idx`` 1) or the mode's refresh (``idx`` 2) of one
   matrix seen through ``ops``; ``s`` float32. (Called only where ``idx >
   0``.) In ``svd`` mode both are the same top-``r`` basis: one copy of it
-  in the program, the old basis kept on a non-finite refresh."""
+  in the program, the old basis kept on a non-finite refresh. ``p``: the
+  old basis's projection, ``grassmann`` only (the :class:`Item` then
+  carries the new one's)."""
   if cfg.subspace_update == "frozen":
     return _first(cfg, ops, count, key, s)
   if cfg.subspace_update == "svd":
     return _svd_one(cfg, ops, count, key, s, idx)
   branches = [functools.partial(f, cfg, ops)
               for f in (_first, REFRESH[cfg.subspace_update])]
-  return jax.lax.switch(idx - 1, branches, count, key, s)
+  args = (count, key, s) if p is None else (count, key, s, p)
+  return jax.lax.switch(idx - 1, branches, *args)
 
 
 def transport(cfg, count: jax.Array, item: Item, mu: jax.Array,
@@ -235,7 +289,8 @@ def transport(cfg, count: jax.Array, item: Item, mu: jax.Array,
 def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
                   key: jax.Array, phase, x: jax.Array, s: jax.Array,
                   mu: jax.Array, nu: jax.Array,
-                  differentiable: bool = False) -> tuple:
+                  differentiable: bool = False,
+                  p: Optional[jax.Array] = None) -> tuple:
   """One matrix's first basis (step 0) or refresh (when due at ``phase``),
   and its moments transported (on a refresh).
 
@@ -260,30 +315,33 @@ def subspace_step(cfg, frame: _frame.Frame, count: jax.Array,
     s: its basis (stored dtype).
     mu: first moments (stored dtype).
     nu: second moments.
+    p: ``S^T X`` (float32) if :func:`reuses_projection`, else None.
 
   Returns:
-    ``(S, M, V)``, unchanged on a step with nothing due.
+    ``(S, M, V, P)``, unchanged on a step with nothing due; ``P`` is the
+    new basis's ``S^T X`` if ``p`` was given, else None.
   """
   idx = subspace_branch(cfg, count, phase)
   const = jax.lax.stop_gradient if differentiable else (lambda a: a)
 
-  def due(x, s, mu, nu):
+  def due(x, s, mu, nu, p):
     item = new_basis(cfg, matrix_ops(frame, const(x)), count, key, idx,
-                     const(s).astype(jnp.float32))
+                     const(s).astype(jnp.float32), p)
     if cfg.transport is not None and cfg.subspace_update != "frozen":
       mu, nu = run_if_due(
           (idx == 2).astype(jnp.int32),
           [lambda _, mu, nu: transport(cfg, count, item, mu, nu)], None,
           (mu, nu), differentiable)
-    return item.basis.astype(s.dtype), mu, nu
+    return item.basis.astype(s.dtype), mu, nu, item.projection
 
-  return run_if_due(jnp.minimum(idx, 1), [due], x, (s, mu, nu),
+  return run_if_due(jnp.minimum(idx, 1), [due], x, (s, mu, nu, p),
                     differentiable)
 
 
 def regular_step(cfg, frame: _frame.Frame, g: jax.Array, basis: jax.Array,
                  mu: jax.Array, nu: jax.Array, prev: jax.Array,
-                 count: jax.Array, count_inc: jax.Array) -> tuple:
+                 count: jax.Array, count_inc: jax.Array,
+                 p: Optional[jax.Array] = None) -> tuple:
   r"""Projection, Adam in the subspace, recovery, back-projection.
 
   .. math::
@@ -292,12 +350,14 @@ def regular_step(cfg, frame: _frame.Frame, g: jax.Array, basis: jax.Array,
      U = \text{scale}\cdot S N + (X - c\,S P)\,\mathrm{diag}(\phi)
 
   (:mod:`subtrack_optax._equations`). ``g`` is the float32 matrix as it
-  lies. Returns ``(SW, phi, M, V, recovery_norm)``: ``U =``
+  lies; ``p``, if given, is ``P`` (:func:`reuses_projection`). Returns
+  ``(SW, phi, M, V, recovery_norm)``: ``U =``
   :func:`~subtrack_optax._equations.add_recovery` ``(frame, SW, g, phi)``
   (``phi`` is None without recovery), in ``g``'s layout, float32; the
   moments float32.
   """
-  p = eq.project(frame, g, basis)
+  if p is None:
+    p = eq.project(frame, g, basis)
   s = basis.astype(jnp.float32)
   n, mu, nu = eq.adam_direction(p, mu.astype(jnp.float32),
                                 nu.astype(jnp.float32), count_inc,

@@ -362,3 +362,64 @@ def test_tracking_step_projects_on_the_stored_basis(basis_dtype, tol):
   s = np.asarray(state.basis["w"], np.float64)
   p = s.T @ np.asarray(g["w"], np.float64)
   np.testing.assert_allclose(state.mu["w"], p, atol=tol * np.abs(p).max())
+
+
+def _products_with(jaxpr, shape) -> list:
+  """The other operand's shape of every ``dot_general`` in ``jaxpr`` (sub-
+  jaxprs included) that has an operand of ``shape`` or its transpose."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes = [tuple(v.aval.shape) for v in eqn.invars]
+      for i, o in enumerate(shapes):
+        if o in (shape, shape[::-1]):
+          out.append(shapes[1 - i])
+          break
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _products_with(sub, shape)
+  return out
+
+
+@pytest.mark.parametrize("shape", [(10, 14), (14, 10)])
+def test_tracking_reuses_the_projection(shape):
+  """Given ``P = S^T X`` (the regular step's projection, taken first), a
+  geodesic step reads the gradient through one ``d x D x r`` product
+  (``Y = X_n (X_n^T S)`` from ``P``) and one vector product (``w^T X``, for
+  ``S'^T X = P + v w^T X``): without ``P`` it takes two ``d x D x r``
+  products, and the regular step a third. The projection it returns is
+  the new basis's."""
+  from subtrack_optax import _frame, _plans, _step   # pylint: disable=g-import-not-at-top
+  import types   # pylint: disable=g-import-not-at-top
+  r = 3
+  plan = _plans.resolve_plans({"w": jnp.zeros(shape)}, None, r, "small")["w"]
+  frame = _frame.Frame(plan)
+  cfg = types.SimpleNamespace(normalize_tracking=True, step_size=0.7)
+  rng = np.random.default_rng(5)
+  g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  s = _linalg.householder_orthonormalize(
+      jnp.asarray(rng.normal(size=(10, r)), jnp.float32))
+
+  def track(g, s, with_p):
+    ops = _step.matrix_ops(frame, g)
+    p = ops.project(s) if with_p else None
+    return _step._track_one(cfg, ops, None, None, s, p)   # pylint: disable=protected-access
+
+  wide = lambda o: r in o and len(o) == 2
+  with_p = _products_with(jax.make_jaxpr(lambda g, s: track(g, s, True))(
+      g, s).jaxpr, shape)
+  without = _products_with(jax.make_jaxpr(lambda g, s: track(g, s, False))(
+      g, s).jaxpr, shape)
+  # with P: the projection itself, Y, and w^T X (a vector)
+  assert sorted(map(wide, with_p)) == [False, True, True], with_p
+  assert sorted(map(wide, without)) == [True, True], without
+  item = jax.jit(lambda g, s: track(g, s, True))(g, s)
+  plain = jax.jit(lambda g, s: track(g, s, False))(g, s)
+  assert float(item.theta) > 0
+  np.testing.assert_allclose(item.basis, plain.basis, atol=1e-6)
+  x = np.asarray(frame.to_canonical(g), np.float64)
+  np.testing.assert_allclose(
+      item.projection, np.asarray(item.basis, np.float64).T @ x,
+      atol=1e-5 * np.abs(x).max())

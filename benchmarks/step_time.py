@@ -241,13 +241,26 @@ class Timed:
   def run(self, kind, grads, params):
     state = set_count(self.state, self.counts[kind])
     t0 = time.perf_counter()
-    updates, state = self.fn(grads, state, params)
+    state, updates = self.fn(grads, state, params)
     jax.block_until_ready((updates, state))
     dt = time.perf_counter() - t0
     self.state = state
     del updates
     self.samples.setdefault(kind, []).append(dt)
     return dt
+
+
+def donated(update: Callable) -> Callable:
+  """``update`` (``(grads, state, params) -> (updates, state)``) jitted with
+  the state donated and returning ``(state, updates)``: the state first.
+
+  JAX pairs each output, in order, with the first donated input of the same
+  shape and dtype; with the updates first, an update shaped like a state
+  leaf takes that leaf's buffer and XLA copies the state leaves after it
+  (``benchmarks/model_scale.py::donated_update`` has the counts).
+  """
+  return jax.jit(lambda g, s, p: tuple(reversed(update(g, s, p))),
+                 donate_argnums=1)
 
 
 def floor_fn():
@@ -289,12 +302,12 @@ def build(m: ModelShape, names, n_layers: int, k: int, seed: int = 0):
           lambda g: (jnp.linalg.qr(jax.random.normal(
               key, (min(g.shape), m.rank)))[0] if g.ndim == 2
                      else jnp.zeros((), jnp.float32)), grads)
-      fn = jax.jit(floor_fn(), donate_argnums=1)
+      fn = donated(floor_fn())
       kinds, counts = ("regular",), {"regular": 0}
     else:
       tx = make_optimizer(name, m, k)
       state = tx.init(params)
-      fn = jax.jit(tx.update, donate_argnums=1)
+      fn = donated(tx.update)
       kinds = ("regular",) if name == "adamw" else ("regular", "update")
       counts = {"regular": k + 1, "update": k}
     compiled = fn.lower(grads, state, params).compile()
@@ -355,8 +368,7 @@ def hlo_audit(m: ModelShape, k: int) -> dict:
   for name in ("galore", "grassmann", "grassmann/norec", "svd", "random"):
     tx = make_optimizer(name, m, k)
     state = tx.init(params)
-    c = jax.jit(tx.update, donate_argnums=1).lower(params, state,
-                                                   params).compile()
+    c = donated(tx.update).lower(params, state, params).compile()
     mem = c.memory_analysis()
     out[name] = {
         "largest_square": largest_square(c.as_text()),
@@ -415,9 +427,9 @@ def stagger_window(m: ModelShape, n_layers: int, k: int, repeats: int):
   runs = {}
   for stagger in (False, True):
     tx = make_optimizer("grassmann", m, k, stagger=stagger)
-    fn = jax.jit(tx.update, donate_argnums=1)
+    fn = donated(tx.update)
     state = tx.init(params)
-    u, state = fn(grads, state, params)  # count 0: SVD init, compile
+    state, u = fn(grads, state, params)  # count 0: SVD init, compile
     jax.block_until_ready(u)
     runs[stagger] = [fn, state, [[] for _ in range(k)]]
   n_proj = sum(1 for x in leaves if x.ndim == 2)
@@ -427,7 +439,7 @@ def stagger_window(m: ModelShape, n_layers: int, k: int, repeats: int):
       for step in range(k, 2 * k):
         state = set_count(state, step)
         t0 = time.perf_counter()
-        u, state = fn(grads, state, params)
+        state, u = fn(grads, state, params)
         jax.block_until_ready((u, state))
         if rep:
           samples[step - k].append(time.perf_counter() - t0)

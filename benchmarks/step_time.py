@@ -496,7 +496,6 @@ def run_size(m: ModelShape, args) -> dict:
   print(f"   built in {time.perf_counter() - t0:.0f} s", flush=True)
   measure(timed, grads, params,
           {"regular": args.repeats + 1, "update": args.update_repeats + 1})
-  by = {t.name: t for t in timed}
   rows = {}
   for t in timed:
     reg = med(t.samples.get("regular", []))

@@ -148,7 +148,11 @@ def psd_eig(a: jax.Array, sweeps: int = 16,
   kept in round-robin *position* order (position ``i < k/2`` paired with
   ``k/2 + i``): a round is one elementwise combination of the two column
   halves and one fixed permutation of static slices; ``k - 1`` rounds make
-  a sweep (every pair once), ``O(k^2)`` each. Rotating columns only, a
+  a sweep (every pair once), ``O(k^2)`` each. The array is held
+  transposed, ``k x 2k``, so that a column is a contiguous row: its norms
+  are reductions along the minor axis and the permutation moves whole rows
+  (a round at ``k = 256`` took 77 us column-wise, 53 us row-wise, on
+  XLA:CPU). Rotating columns only, a
   round is half the code of a two-sided Jacobi round (rows, then columns),
   and it compiles in about half the time. The sweeps stop, for the whole
   batch at once, after the first sweep in which no pair had
@@ -196,12 +200,12 @@ def psd_eig(a: jax.Array, sweeps: int = 16,
   # of the program (16 MiB per copy at k = 2048).
   eye = (jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 2)
          == jnp.asarray(order, jnp.int32)).astype(jnp.float32)
-  w = jnp.concatenate([jnp.take(a, order, axis=-1), eye], axis=-2)
+  w = _mT(jnp.concatenate([jnp.take(a, order, axis=-1), eye], axis=-2))
   w, _, _ = jax.lax.while_loop(
       lambda c: (c[1] < sweeps) & (c[2] > tol),
       functools.partial(_one_sided_sweep, kk),
       (w, jnp.zeros([], jnp.int32), jnp.ones([], jnp.float32)))
-  w = jnp.take(w, np.argsort(order), axis=-1)   # columns in index order
+  w = jnp.take(_mT(w), np.argsort(order), axis=-1)  # columns in index order
   bv, v = w[..., :kk, :k], w[..., kk:, :k]
   if pad:
     bv, v = bv[..., :k, :], v[..., :k, :]
@@ -212,18 +216,19 @@ def psd_eig(a: jax.Array, sweeps: int = 16,
 
 
 def _one_sided_sweep(kk: int, carry: tuple) -> tuple:
-  """One sweep of :func:`psd_eig`: ``kk - 1`` rounds on the stacked ``[B
-  V]`` (``2kk x kk``, columns in position order); returns the largest
-  relative ``|gamma|`` met before rotation."""
+  """One sweep of :func:`psd_eig`: ``kk - 1`` rounds on the stacked ``[B;
+  V]``, held transposed (``kk x 2kk``: row ``i`` is column ``i``, rows in
+  position order); returns the largest relative ``|gamma|`` met before
+  rotation."""
   h = kk // 2
 
   def round_(_, wm):
     w, worst = wm
-    top, bot = jnp.split(w, 2, axis=-1)            # the p and q columns
-    bt, bb = top[..., :kk, :], bot[..., :kk, :]
-    alpha = jnp.sum(bt * bt, axis=-2)
-    beta = jnp.sum(bb * bb, axis=-2)
-    gamma = jnp.sum(bt * bb, axis=-2)
+    top, bot = jnp.split(w, 2, axis=-2)            # the p and q columns
+    bt, bb = top[..., :, :kk], bot[..., :, :kk]
+    alpha = jnp.sum(bt * bt, axis=-1)
+    beta = jnp.sum(bb * bb, axis=-1)
+    gamma = jnp.sum(bt * bb, axis=-1)
     amax = jnp.maximum(jnp.max(alpha, axis=-1, keepdims=True),
                        jnp.max(beta, axis=-1, keepdims=True))
     scale = jnp.sqrt(amax * jnp.maximum(alpha, beta))
@@ -234,17 +239,17 @@ def _one_sided_sweep(kk: int, carry: tuple) -> tuple:
     tan = jnp.where(zeta >= 0, 1.0, -1.0) / (
         jnp.abs(zeta) + jnp.sqrt(1.0 + zeta * zeta))
     tan = jnp.where(nonzero, tan, 0.0)
-    c = jax.lax.rsqrt(1.0 + tan * tan)[..., None, :]
-    s = tan[..., None, :] * c
+    c = jax.lax.rsqrt(1.0 + tan * tan)[..., :, None]
+    s = tan[..., :, None] * c
     top, bot = c * top - s * bot, s * top + c * bot
     if h == 1:
-      return jnp.concatenate([top, bot], axis=-1), worst
+      return jnp.concatenate([top, bot], axis=-2), worst
     # Next round's positions: top' = [t0, b0, t1 .. t(h-2)],
     # bottom' = [b1 .. b(h-1), t(h-1)] (the round-robin rotation).
-    sl = lambda x, i, j: x[..., i:j]
+    sl = lambda x, i, j: x[..., i:j, :]
     return jnp.concatenate([sl(top, 0, 1), sl(bot, 0, 1), sl(top, 1, h - 1),
                             sl(bot, 1, h), sl(top, h - 1, h)],
-                           axis=-1), worst
+                           axis=-2), worst
 
   w, n, _ = carry
   w, worst = jax.lax.fori_loop(0, kk - 1, round_,

@@ -1,5 +1,7 @@
 """Unit tests of the pieces: linear algebra, tracking, transport, memory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -423,3 +425,16 @@ def test_tracking_reuses_the_projection(shape):
   np.testing.assert_allclose(
       item.projection, np.asarray(item.basis, np.float64).T @ x,
       atol=1e-5 * np.abs(x).max())
+
+
+def test_jacobi_holds_its_columns_as_rows():
+  """The one-sided Jacobi rotates the columns of the stacked ``[A V; V]``
+  held transposed (``k x 2k``): each column is a contiguous row, its norms
+  reduce along the minor axis and the round's permutation moves whole rows
+  (at ``k = 256`` a round took 77 us column-wise and 53 us row-wise on
+  XLA:CPU, the first basis 241 -> 182 ms at ``512 x 1376``, rank 128)."""
+  text = jax.jit(_linalg.psd_eig).lower(jnp.eye(8)).as_text()
+  carried = [re.findall(r"tensor<(\d+)x(\d+)xf32>", line.split(":", 1)[1])
+             for line in text.splitlines() if "stablehlo.while" in line]
+  assert len(carried) == 2, carried            # the sweeps and the rounds
+  assert all(c == [("8", "16")] for c in carried), carried

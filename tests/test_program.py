@@ -35,7 +35,10 @@ Re-recorded (``grassmann`` only) when tracking came to reuse the regular
 step's projection: ``P = S^T X`` is taken before the subspace update, the
 geodesic step forms ``X_n X_n^T S`` from it and returns ``S'^T X = P + v
 w^T X`` (one ``d x D x r`` product with the gradient instead of three on a
-tracking step).
+tracking step). Re-recorded (all modes) when the one-sided Jacobi came to
+hold ``[A V; V]`` transposed, its columns as contiguous rows (a transpose
+in and out of each eigensolver: 77 -> 53 us a round at ``k = 256`` on
+XLA:CPU).
 
 On another jax/jaxlib version XLA's passes differ, so the per-opcode counts
 cannot be compared; there the total is checked against a 15% band instead.
@@ -73,55 +76,51 @@ RECORDED = {
     ('grassmann', False): {
         "abs": 24, "add": 305, "and": 88, "bitcast": 302, "broadcast": 607,
         "call": 4, "clamp": 2, "compare": 420, "concatenate": 8,
-        "conditional": 12, "constant": 897, "convert": 41, "copy": 142,
+        "conditional": 12, "constant": 897, "convert": 41, "copy": 150,
         "cosine": 8, "divide": 72, "dot": 96, "dynamic-slice": 51,
-        "dynamic-update-slice": 9, "fusion": 527, "gather": 12,
+        "dynamic-update-slice": 9, "fusion": 531, "gather": 12,
         "get-tuple-element": 334, "iota": 60, "is-finite": 24, "maximum":
         68, "minimum": 9, "multiply": 492, "negate": 4, "not": 4, "or": 8,
-        "parameter": 1639, "power": 2, "reduce": 128, "reduce-window": 10,
+        "parameter": 1643, "power": 2, "reduce": 128, "reduce-window": 10,
         "remainder": 2, "rsqrt": 4, "select": 312, "shift-right-logical":
         16, "sign": 1, "sine": 20, "slice": 60, "sort": 4, "sqrt": 73,
-        "subtract": 70, "transpose": 30, "tuple": 107, "while": 33, "xor":
+        "subtract": 70, "transpose": 38, "tuple": 107, "while": 33, "xor":
         24},
     ('grassmann', True): {
         "abs": 24, "add": 320, "and": 106, "bitcast": 302, "broadcast": 607,
         "call": 4, "clamp": 5, "compare": 474, "concatenate": 8,
-        "conditional": 12, "constant": 945, "convert": 50, "copy": 142,
+        "conditional": 12, "constant": 945, "convert": 50, "copy": 150,
         "cosine": 8, "divide": 72, "dot": 96, "dynamic-slice": 51,
-        "dynamic-update-slice": 9, "fusion": 539, "gather": 12,
+        "dynamic-update-slice": 9, "fusion": 543, "gather": 12,
         "get-tuple-element": 334, "iota": 60, "is-finite": 24, "maximum":
         68, "minimum": 12, "multiply": 492, "negate": 4, "not": 4, "or": 8,
-        "parameter": 1660, "power": 2, "reduce": 128, "reduce-window": 10,
+        "parameter": 1664, "power": 2, "reduce": 128, "reduce-window": 10,
         "remainder": 5, "rsqrt": 4, "select": 339, "shift-right-logical":
         16, "sign": 1, "sine": 20, "slice": 60, "sort": 4, "sqrt": 73,
-        "subtract": 70, "transpose": 30, "tuple": 107, "while": 33, "xor":
+        "subtract": 70, "transpose": 38, "tuple": 107, "while": 33, "xor":
         24},
     ('svd', False): {
-        "abs": 20, "add": 185, "and": 40, "bitcast": 167, "broadcast":
-        325, "clamp": 1, "compare": 271, "concatenate": 8,
-        "conditional": 4, "constant": 524, "convert": 16, "copy": 116,
-        "divide": 40, "dot": 44, "dynamic-slice": 42,
-        "dynamic-update-slice": 9, "fusion": 323, "gather": 12,
-        "get-tuple-element": 271, "iota": 21, "is-finite": 12,
-        "maximum": 38, "minimum": 5, "multiply": 249, "negate": 4, "or":
-        4, "parameter": 1039, "power": 2, "reduce": 68, "reduce-window":
-        6, "remainder": 2, "rsqrt": 4, "select": 224,
-        "shift-right-logical": 4, "sign": 1, "slice": 60, "sort": 4,
-        "sqrt": 37, "subtract": 46, "transpose": 26, "tuple": 71,
-        "while": 29, "xor": 12},
+        "abs": 20, "add": 185, "and": 40, "bitcast": 167, "broadcast": 325,
+        "clamp": 1, "compare": 271, "concatenate": 8, "conditional": 4,
+        "constant": 524, "convert": 16, "copy": 124, "divide": 40, "dot":
+        44, "dynamic-slice": 42, "dynamic-update-slice": 9, "fusion": 327,
+        "gather": 12, "get-tuple-element": 271, "iota": 21, "is-finite": 12,
+        "maximum": 38, "minimum": 5, "multiply": 249, "negate": 4, "or": 4,
+        "parameter": 1043, "power": 2, "reduce": 68, "reduce-window": 6,
+        "remainder": 2, "rsqrt": 4, "select": 224, "shift-right-logical": 4,
+        "sign": 1, "slice": 60, "sort": 4, "sqrt": 37, "subtract": 46,
+        "transpose": 34, "tuple": 71, "while": 29, "xor": 12},
     ('svd', True): {
-        "abs": 20, "add": 197, "and": 58, "bitcast": 167, "broadcast":
-        325, "clamp": 1, "compare": 328, "concatenate": 8,
-        "conditional": 4, "constant": 569, "convert": 25, "copy": 116,
-        "divide": 40, "dot": 44, "dynamic-slice": 42,
-        "dynamic-update-slice": 9, "fusion": 335, "gather": 12,
-        "get-tuple-element": 271, "iota": 21, "is-finite": 12,
-        "maximum": 38, "minimum": 8, "multiply": 249, "negate": 4, "or":
-        4, "parameter": 1060, "power": 2, "reduce": 68, "reduce-window":
-        6, "remainder": 5, "rsqrt": 4, "select": 251,
-        "shift-right-logical": 4, "sign": 1, "slice": 60, "sort": 4,
-        "sqrt": 37, "subtract": 46, "transpose": 26, "tuple": 71,
-        "while": 29, "xor": 12},
+        "abs": 20, "add": 197, "and": 58, "bitcast": 167, "broadcast": 325,
+        "clamp": 1, "compare": 328, "concatenate": 8, "conditional": 4,
+        "constant": 569, "convert": 25, "copy": 124, "divide": 40, "dot":
+        44, "dynamic-slice": 42, "dynamic-update-slice": 9, "fusion": 339,
+        "gather": 12, "get-tuple-element": 271, "iota": 21, "is-finite": 12,
+        "maximum": 38, "minimum": 8, "multiply": 249, "negate": 4, "or": 4,
+        "parameter": 1064, "power": 2, "reduce": 68, "reduce-window": 6,
+        "remainder": 5, "rsqrt": 4, "select": 251, "shift-right-logical": 4,
+        "sign": 1, "slice": 60, "sort": 4, "sqrt": 37, "subtract": 46,
+        "transpose": 34, "tuple": 71, "while": 29, "xor": 12},
 }
 
 _OPCODE = re.compile(r"\s*(?:ROOT\s+)?[%\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")

@@ -131,10 +131,8 @@ def _track_one(cfg, ops, count, key, s, p=None) -> Item:
      Y = X_n X_n^T S = \mathrm{inv}\,X\,(\mathrm{inv}\,P)^T,\qquad
      S'^T X = P + v\,(w^T X)
 
-  (``S' = S + w v^T``, :func:`~subtrack_optax._tracking.geodesic_step`; the
-  Newton-Schulz correction it applies once the drift exceeds 1e-5 is left
-  out of ``S'^T X``, a change at the rounding level), and the regular step
-  takes ``S'^T X`` as its projection.
+  (:func:`~subtrack_optax._tracking.rotated_projection`), and the regular
+  step takes ``S'^T X`` as its projection.
   """
   del count, key
   norm = ops.norm()
@@ -143,11 +141,9 @@ def _track_one(cfg, ops, count, key, s, p=None) -> Item:
   y = (ops.gram(s, inv) if p is None
        else inv * ops.times_transposed(inv * p))
   step = _tracking.geodesic_step(s, y, jnp.isfinite(norm), cfg.step_size)
-  if p is None:
-    return Item(step.basis, step.axis, step.theta)
-  p_new = p + step.axis[..., :, None] * ops.row(step.direction)[..., None, :]
   return Item(step.basis, step.axis, step.theta,
-              jnp.where(step.theta != 0, p_new, p))
+              None if p is None else _tracking.rotated_projection(
+                  p, step, ops.row(step.direction)))
 
 
 def _replacing(finite, new, old) -> Item:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from subtrack_optax import _linalg
 
 __all__ = ["TrackSteps", "GeodesicStep", "geodesic_step", "grassmann_step",
-           "grassmann_step_multi"]
+           "grassmann_step_multi", "rotated_projection"]
 
 
 class TrackSteps(NamedTuple):
@@ -147,10 +147,7 @@ def grassmann_step_multi(ss: Sequence[jax.Array], xs: Sequence[jax.Array],
       w = step.direction
       wx = (mm(x, w[..., :, None])[..., 0] if t               # w^T X: (D,)
             else mm(w[..., None, :], x)[..., 0, :])
-      ok = (step.theta != 0)[:, None, None]
-      pf = flat(p)
-      p = jnp.where(ok, pf + step.axis[..., :, None] * wx[..., None, :],
-                    pf).reshape(p.shape)
+      p = rotated_projection(flat(p), step, wx).reshape(p.shape)
     out.projections.append(p)
   return out
 
@@ -220,3 +217,27 @@ def geodesic_step(s: jax.Array, y: jax.Array, finite: jax.Array,
   ok = ok & jnp.all(jnp.isfinite(s_new), axis=(-2, -1))
   return GeodesicStep(jnp.where(ok[..., None, None], s_new, s),
                       jnp.where(ok, theta, 0.0), v, w)
+
+
+def rotated_projection(p: jax.Array, step: GeodesicStep,
+                       wx: jax.Array) -> jax.Array:
+  r"""``S'^T X`` from ``P = S^T X`` after a geodesic step, without a
+  ``d x D x r`` product.
+
+  .. math:: S' = S + w v^T \;\Rightarrow\; S'^T X = P + v\,(w^T X)
+
+  (``P`` where the step was not taken, ``theta = 0``). The Newton-Schulz
+  correction :func:`geodesic_step` applies once the drift exceeds 1e-5 is
+  left out: a change at the rounding level.
+
+  Args:
+    p: ``P`` ``(..., r, D)``, float32.
+    step: the :class:`GeodesicStep` (its ``axis`` ``v``, ``theta``).
+    wx: ``w^T X`` ``(..., D)`` for the step's ``direction`` ``w``.
+
+  Returns:
+    ``S'^T X`` ``(..., r, D)``.
+  """
+  moved = p + step.axis[..., :, None] * wx[..., None, :]
+  return jnp.where((step.theta != 0)[..., None, None], moved, p)
+

@@ -377,11 +377,8 @@ def _products_with(jaxpr, shape) -> list:
         if o in (shape, shape[::-1]):
           out.append(shapes[1 - i])
           break
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          out += _products_with(sub, shape)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _products_with(sub, shape)
   return out
 
 

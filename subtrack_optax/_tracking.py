@@ -240,4 +240,3 @@ def rotated_projection(p: jax.Array, step: GeodesicStep,
   """
   moved = p + step.axis[..., :, None] * wx[..., None, :]
   return jnp.where((step.theta != 0)[..., None, None], moved, p)
-

@@ -22,7 +22,9 @@ own new value):
 Optimizers: ``adamw``, ``galore`` (optax.contrib, ``scale_by_adam``), and
 subtrack as ``subtrack`` (defaults), ``subtrack/svd``, ``subtrack/stagger``
 and ``subtrack/scanned`` (the same model with each kind of block kernel
-stacked over layers, ``(L, m, n)``, batch axis = layer).
+stacked over layers, ``(L, m, n)``, batch axis = layer); for attributing
+subtrack's costs, also ``subtrack/norecovery``, ``subtrack/frozen`` and
+``subtrack/nosubspace`` (:data:`ATTRIBUTION`, named explicitly).
 
 Usage::
 
@@ -53,6 +55,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 OPTIMIZERS = ("adamw", "galore", "subtrack", "subtrack/svd",
               "subtrack/stagger", "subtrack/scanned")
+# Where subtrack's cost comes from (not run by default: name them in
+# --optimizers): without recovery scaling; `frozen` (the first basis, no
+# refresh, no transport); and the sweep with no subspace-update code at all
+# (`_step.subspace_step` replaced by the identity while the update is
+# traced; attribution only, it trains nothing useful).
+ATTRIBUTION = ("subtrack/norecovery", "subtrack/frozen",
+               "subtrack/nosubspace")
 MiB = 2 ** 20
 
 
@@ -115,11 +124,36 @@ def make_tx(name: str, cfg):
     else:
       spec = st.SubTrackDimensionNumbers(0, 1)
     kw = {"svd": dict(subspace_update="svd"),
-          "stagger": dict(stagger=True)}.get(variant, {})
+          "stagger": dict(stagger=True),
+          "norecovery": dict(recovery_scaling=False),
+          "frozen": dict(subspace_update="frozen")}.get(variant, {})
     tx = st.subtrack_adamw(
         lr, cfg.rank, cfg.update_interval,
         dimension_numbers=lambda p: _llama.projected_paths(p, spec), **kw)
+    if variant == "nosubspace":
+      tx = _without_subspace_update(tx)
   return optax.chain(optax.clip_by_global_norm(1.0), tx)
+
+
+def _without_subspace_update(tx):
+  """``tx`` traced with every matrix's subspace step the identity (its
+  basis, moments and projection passed through): the sweep and the regular
+  step alone, for attributing compile time (benchmark-only)."""
+  _, optax, _, _ = _imports()
+  from subtrack_optax import _step  # pylint: disable=g-import-not-at-top
+
+  def identity(cfg, frame, count, key, phase, x, s, mu, nu,
+               differentiable=False, p=None):
+    del cfg, frame, count, key, phase, x, differentiable
+    return s, mu, nu, p
+
+  def update(updates, state, params=None, **extra):
+    real, _step.subspace_step = _step.subspace_step, identity
+    try:
+      return tx.update(updates, state, params, **extra)
+    finally:
+      _step.subspace_step = real
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def hlo_instructions(text: str) -> int:

@@ -24,7 +24,8 @@ subtrack as ``subtrack`` (defaults), ``subtrack/svd``, ``subtrack/stagger``
 and ``subtrack/scanned`` (the same model with each kind of block kernel
 stacked over layers, ``(L, m, n)``, batch axis = layer); for attributing
 subtrack's costs, also ``subtrack/norecovery``, ``subtrack/frozen`` and
-``subtrack/nosubspace`` (:data:`ATTRIBUTION`, named explicitly).
+``subtrack/nosubspace``, ``subtrack/productonly`` (:data:`ATTRIBUTION`,
+named explicitly).
 
 Usage::
 
@@ -57,11 +58,13 @@ OPTIMIZERS = ("adamw", "galore", "subtrack", "subtrack/svd",
               "subtrack/stagger", "subtrack/scanned")
 # Where subtrack's cost comes from (not run by default: name them in
 # --optimizers): without recovery scaling; `frozen` (the first basis, no
-# refresh, no transport); and the sweep with no subspace-update code at all
+# refresh, no transport); the sweep with no subspace-update code at all
 # (`_step.subspace_step` replaced by the identity while the update is
-# traced; attribution only, it trains nothing useful).
+# traced); and a tracking step reduced to the one product with the gradient
+# it needs (`X P^T`; no geodesic step, no transport). The last two are
+# attribution only: they train nothing useful.
 ATTRIBUTION = ("subtrack/norecovery", "subtrack/frozen",
-               "subtrack/nosubspace")
+               "subtrack/nosubspace", "subtrack/productonly")
 MiB = 2 ** 20
 
 
@@ -132,28 +135,61 @@ def make_tx(name: str, cfg):
         dimension_numbers=lambda p: _llama.projected_paths(p, spec), **kw)
     if variant == "nosubspace":
       tx = _without_subspace_update(tx)
+    elif variant == "productonly":
+      tx = _tracking_product_only(tx)
   return optax.chain(optax.clip_by_global_norm(1.0), tx)
 
 
-def _without_subspace_update(tx):
-  """``tx`` traced with every matrix's subspace step the identity (its
-  basis, moments and projection passed through): the sweep and the regular
-  step alone, for attributing compile time (benchmark-only)."""
+def _traced_with(tx, module, **patches):
+  """``tx`` whose update is traced with ``module``'s attributes set to
+  ``patches`` (restored after each trace; benchmark-only attribution)."""
   _, optax, _, _ = _imports()
+
+  def update(updates, state, params=None, **extra):
+    real = {name: getattr(module, name) for name in patches}
+    for name, value in patches.items():
+      setattr(module, name, value)
+    try:
+      return tx.update(updates, state, params, **extra)
+    finally:
+      for name, value in real.items():
+        setattr(module, name, value)
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def _without_subspace_update(tx):
+  """``tx`` with every matrix's subspace step the identity (its basis,
+  moments and projection passed through): the sweep and the regular step
+  alone."""
   from subtrack_optax import _step  # pylint: disable=g-import-not-at-top
 
   def identity(cfg, frame, count, key, phase, x, s, mu, nu,
                differentiable=False, p=None):
     del cfg, frame, count, key, phase, x, differentiable
     return s, mu, nu, p
+  return _traced_with(tx, _step, subspace_step=identity)
 
-  def update(updates, state, params=None, **extra):
-    real, _step.subspace_step = _step.subspace_step, identity
-    try:
-      return tx.update(updates, state, params, **extra)
-    finally:
-      _step.subspace_step = real
-  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+def _tracking_product_only(tx):
+  """``tx`` whose tracking step takes only the product it cannot do
+  without, ``Y = X_n A^T`` (``X P^T``, scaled), and keeps the basis (no
+  geodesic step, no transport): a tracking step's floor."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from subtrack_optax import _linalg  # pylint: disable=g-import-not-at-top
+  from subtrack_optax import _step  # pylint: disable=g-import-not-at-top
+
+  def product_only(cfg, ops, count, key, s, p=None):
+    del cfg, count, key
+    inv = _linalg.inverse_or_zero(ops.norm())
+    y = inv * ops.times_transposed(inv * p)
+    # 0 * y keeps the product in the program (XLA does not fold x * 0).
+    return _step.Item(s + 0.0 * y, jnp.zeros(s.shape[-1:], jnp.float32),
+                      jnp.zeros([]), p)
+  refresh = types.MappingProxyType({**_step.REFRESH,
+                                    "grassmann": product_only})
+  no_transport = lambda cfg, count, item, mu, nu: (mu, nu)
+  return _traced_with(tx, _step, REFRESH=refresh, transport=no_transport)
 
 
 def hlo_instructions(text: str) -> int:

@@ -211,33 +211,39 @@ def test_benchmark_smoke(bench, tmp_path):
   assert os.path.exists(out + ".md") and os.path.exists(out + ".json")
 
 
-def test_attribution_without_subspace_code(bench):
-  """``subtrack/nosubspace`` (benchmark-only) is the same sweep with no
-  subspace-update code: no eigensolver loop and fewer kernels than the
-  defaults, the real ``subspace_step`` back in place after tracing, and its
-  ordinary-step updates equal the defaults' (an ordinary step runs no
-  subspace code in either)."""
+def test_attribution_variants(bench):
+  """The benchmark-only variants: ``subtrack/nosubspace`` (no
+  subspace-update code) and ``subtrack/productonly`` (a tracking step
+  reduced to its product ``X P^T``). Fewer kernels and loops than the
+  defaults (nosubspace: no eigensolver loop at all); the product is still
+  in productonly's program; the real functions are back in place after
+  tracing; their ordinary-step updates equal the defaults' (an ordinary
+  step runs no subspace code in any of them)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from subtrack_optax import _step  # pylint: disable=g-import-not-at-top
-  real = _step.subspace_step
+  real = (_step.subspace_step, _step.REFRESH, _step.transport)
+  names = ("subtrack", "subtrack/productonly", "subtrack/nosubspace")
   texts = {name: _compiled(bench, "tiny", 2, name)[2].as_text()
-           for name in ("subtrack", "subtrack/nosubspace")}
-  assert _step.subspace_step is real
+           for name in names}
+  assert (_step.subspace_step, _step.REFRESH, _step.transport) == real
   kernels = {n: bench.hlo_kernels(t) for n, t in texts.items()}
-  assert kernels["subtrack/nosubspace"] < kernels["subtrack"] / 2, kernels
   loops = {n: t.count(" while(") for n, t in texts.items()}
+  dots = {n: t.count(" dot(") + t.count("__dot") for n, t in texts.items()}
+  assert (kernels["subtrack/nosubspace"] < kernels["subtrack/productonly"]
+          < kernels["subtrack"]), kernels
   assert loops["subtrack/nosubspace"] < loops["subtrack"], loops
+  assert dots["subtrack/nosubspace"] < dots["subtrack/productonly"], dots
 
   cfg = bench.config_of("tiny", 2)
   shapes = bench.param_tree(cfg)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   grads = jax.tree.map(lambda a: jax.random.normal(
       jax.random.key(a.size), a.shape, a.dtype), shapes)
-  # Both from the defaults' state after the first step (count 1: ordinary).
+  # From the defaults' state after the first step (count 1: ordinary).
   tx = bench.make_tx("subtrack", cfg)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
-  plain = jax.jit(bench.make_tx("subtrack", cfg).update)(grads, state, params)
-  stub = jax.jit(bench.make_tx("subtrack/nosubspace", cfg).update)(
-      grads, state, params)
-  for a, b in zip(jax.tree.leaves(plain[0]), jax.tree.leaves(stub[0])):
-    assert jnp.array_equal(a, b)
+  want = jax.jit(tx.update)(grads, state, params)[0]
+  for name in names[1:]:
+    got = jax.jit(bench.make_tx(name, cfg).update)(grads, state, params)[0]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      assert jnp.array_equal(a, b), name

@@ -173,5 +173,3 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
   """Approximate training FLOPs per token (6N + attention)."""
   n = count_params(cfg) - cfg.vocab * cfg.hidden
   return 6.0 * n + 12.0 * cfg.layers * cfg.hidden * seq_len
-
-

@@ -104,4 +104,3 @@ def rebox(params, plans, fields, sizes=None):
     for o, leaf, spec in zip(out, leaves, specs):
       o.append(leaf if spec is None else _boxed(var, leaf, spec))
   return tuple(treedef.unflatten(o) for o in out)
-

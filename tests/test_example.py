@@ -249,4 +249,3 @@ def test_help_comes_before_jax(no_jax):
   res = _monitor.run(cmd, env=no_jax)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "--out-dir" in res.stdout and "runs/CONFIG-OPTIMIZER-TIME" in res.stdout
-

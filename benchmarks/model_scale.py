@@ -17,7 +17,8 @@ own new value):
   subspace-update step (count = k) and the first step (count = 0), medians
   over ``--repeats``; amortized at ``k``: ``((k - 1) ordinary + update) / k``;
 * ``--rss``: the example's training peak RSS over a few steps, each
-  optimizer in its own process.
+  optimizer in its own process (``--rss-repeats`` samples each,
+  interleaved; the median is reported beside the samples).
 
 Optimizers: ``adamw``, ``galore`` (optax.contrib, ``scale_by_adam``), and
 subtrack as ``subtrack`` (defaults), ``subtrack/svd``, ``subtrack/stagger``
@@ -377,6 +378,17 @@ def time_steps(config: str, layers: int, names, repeats: int,
   return out
 
 
+def rss_runs(names, repeats: int, run) -> dict:
+  """``run(name)`` ``repeats`` times per name, the names interleaved
+  (``a, b, a, b, ...``: a drift of the machine touches every optimizer
+  alike); the samples by name."""
+  samples = {name: [] for name in names}
+  for _ in range(repeats):
+    for name in names:
+      samples[name].append(run(name))
+  return samples
+
+
 def training_rss(config: str, name: str, steps: int) -> float:
   """Peak RSS (MiB) of the example training ``steps`` steps."""
   opt = "subtrack" if name.startswith("subtrack") else name
@@ -452,8 +464,13 @@ def markdown(result: dict) -> str:
       text = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None)
       lines.append(f"- {depth} layers, {name}: {text}")
   if result.get("rss"):
-    lines += ["", "Example training peak RSS (MiB): " + ", ".join(
-        f"{k} {v:.0f}" for k, v in result["rss"].items())]
+    samples = result.get("rss_samples") or {}
+    lines += ["", "Example training peak RSS (MiB, median of the samples): "
+              + ", ".join(
+                  f"{k} {v:.0f}" + (" (" + " / ".join(
+                      f"{x:.0f}" for x in samples[k]) + ")"
+                                    if len(samples.get(k, [])) > 1 else "")
+                  for k, v in result["rss"].items())]
   return "\n".join(lines) + "\n"
 
 
@@ -472,6 +489,8 @@ def parse_args(argv=None):
                  help="also compile the full train step (fresh process)")
   p.add_argument("--rss", type=int, default=0,
                  help="steps of the example for the peak-RSS column")
+  p.add_argument("--rss-repeats", type=int, default=1,
+                 help="samples of the peak RSS per optimizer, interleaved")
   p.add_argument("--no-timing", action="store_true")
   p.add_argument("--kinds", default="ordinary,update,first",
                  help="steps to time, interleaved (e.g. 'ordinary' alone)")
@@ -504,19 +523,22 @@ def main(argv=None) -> dict:
       for name, t in times.items():
         rows[str(layers)][name].update(t)
       print(layers, "times", json.dumps(times), flush=True)
-  rss = {}
+  rss, rss_samples = {}, {}
   if args.rss:
-    for name in ("adamw", "galore", "subtrack"):
-      if name in names:
-        rss[name] = in_fresh_process("training_rss", args.config, name,
-                                     args.rss)
+    rss_samples = rss_runs(
+        [n for n in ("adamw", "galore", "subtrack") if n in names],
+        args.rss_repeats,
+        lambda name: in_fresh_process("training_rss", args.config, name,
+                                      args.rss))
+    rss = {name: statistics.median(v) for name, v in rss_samples.items()}
   command = "python benchmarks/model_scale.py " + " ".join(
       sys.argv[1:] if argv is None else argv)
   result = {"meta": {"config": args.config, "command": command,
                      "machine": machine(), "jax": jax.__version__,
                      "date": datetime.datetime.now(
                          datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
-            "rows": rows, "ratios": ratios(rows), "rss": rss}
+            "rows": rows, "ratios": ratios(rows), "rss": rss,
+            "rss_samples": rss_samples}
   out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                  f"model_scale_{args.config}")
   with open(out + ".json", "w") as f:

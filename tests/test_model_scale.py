@@ -247,3 +247,19 @@ def test_attribution_variants(bench):
     got = jax.jit(bench.make_tx(name, cfg).update)(grads, state, params)[0]
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       assert jnp.array_equal(a, b), name
+
+
+def test_rss_samples_are_interleaved_and_reported(bench):
+  """``--rss-repeats``: the optimizers' runs alternate, and the report
+  gives each median beside its samples."""
+  calls = []
+  samples = bench.rss_runs(["galore", "subtrack"], 3,
+                           lambda name: calls.append(name) or len(calls))
+  assert calls == ["galore", "subtrack"] * 3
+  assert samples == {"galore": [1, 3, 5], "subtrack": [2, 4, 6]}
+  result = {"meta": {"config": "tiny", "command": "c", "machine": "m",
+                     "jax": "j", "date": "d"},
+            "rows": {}, "ratios": {},
+            "rss": {"galore": 3.0, "subtrack": 4.0}, "rss_samples": samples}
+  text = bench.markdown(result)
+  assert "galore 3 (1 / 3 / 5)" in text and "subtrack 4 (2 / 4 / 6)" in text

@@ -327,6 +327,18 @@ def in_fresh_process(fn: str, *args, timeout: float = 1800) -> dict:
 # ---------------------------------------------------------------- timing --
 
 
+def concrete_inputs(cfg, scanned: bool = False) -> tuple:
+  """Zero parameters and fixed Gaussian gradients of the model's tree."""
+  jax, _, _, _ = _imports()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  shapes = param_tree(cfg, scanned=scanned)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  grads = jax.tree.map(
+      lambda a: jax.random.normal(jax.random.key(a.size), a.shape, a.dtype),
+      shapes)
+  return params, grads
+
+
 def time_steps(config: str, layers: int, names, repeats: int,
                kinds=("ordinary", "update", "first")) -> dict:
   """Ordinary, subspace-update and first steps (those in ``kinds``),
@@ -336,11 +348,7 @@ def time_steps(config: str, layers: int, names, repeats: int,
   cfg = config_of(config, layers)
   runs = {}
   for name in names:
-    params_abs = param_tree(cfg, scanned=name.endswith("/scanned"))
-    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params_abs)
-    grads = jax.tree.map(
-        lambda a: jax.random.normal(jax.random.key(a.size), a.shape, a.dtype),
-        params_abs)
+    params, grads = concrete_inputs(cfg, scanned=name.endswith("/scanned"))
     tx = make_tx(name, cfg)
     update = donated_update(tx)
     state = tx.init(params)
@@ -465,12 +473,13 @@ def markdown(result: dict) -> str:
       lines.append(f"- {depth} layers, {name}: {text}")
   if result.get("rss"):
     samples = result.get("rss_samples") or {}
+
+    def rss(name, median):
+      got = samples.get(name, [])
+      each = " / ".join(f"{x:.0f}" for x in got)
+      return f"{name} {median:.0f}" + (f" ({each})" if len(got) > 1 else "")
     lines += ["", "Example training peak RSS (MiB, median of the samples): "
-              + ", ".join(
-                  f"{k} {v:.0f}" + (" (" + " / ".join(
-                      f"{x:.0f}" for x in samples[k]) + ")"
-                                    if len(samples.get(k, [])) > 1 else "")
-                  for k, v in result["rss"].items())]
+              + ", ".join(rss(k, v) for k, v in result["rss"].items())]
   return "\n".join(lines) + "\n"
 
 
@@ -483,7 +492,8 @@ def parse_args(argv=None):
   p.add_argument("--config", default="60m")
   p.add_argument("--layers", default="8,16",
                  help="comma-separated depths (the config's shapes)")
-  p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+  p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                 help="also: " + ", ".join(ATTRIBUTION))
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--train-step", action="store_true",
                  help="also compile the full train step (fresh process)")

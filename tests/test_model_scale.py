@@ -235,10 +235,7 @@ def test_attribution_variants(bench):
   assert dots["subtrack/nosubspace"] < dots["subtrack/productonly"], dots
 
   cfg = bench.config_of("tiny", 2)
-  shapes = bench.param_tree(cfg)
-  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  grads = jax.tree.map(lambda a: jax.random.normal(
-      jax.random.key(a.size), a.shape, a.dtype), shapes)
+  params, grads = bench.concrete_inputs(cfg)
   # From the defaults' state after the first step (count 1: ordinary).
   tx = bench.make_tx("subtrack", cfg)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
